@@ -15,3 +15,11 @@ class FormatError(DiftSfmError):
 
 class ModelLoadError(DiftSfmError):
     """Model weights could not be found or loaded (offline, wrong id or path)."""
+
+
+class PartialFailure(DiftSfmError):
+    """Some items failed while the others were processed and written."""
+
+    def __init__(self, message: str, failures: dict[str, str]):
+        super().__init__(message)
+        self.failures = failures

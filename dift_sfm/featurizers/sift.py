@@ -1,0 +1,44 @@
+"""RootSIFT descriptors from OpenCV: the classical, weight-free baseline."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from .base import Featurizer
+
+
+class SIFT(Featurizer):
+    """OpenCV SIFT descriptors at given keypoints, RootSIFT-normalised by default.
+
+    Keypoints with a size/orientation (from the DoG detector) use them; others (grid, Harris,
+    imported) get ``default_size`` and an upright orientation.
+    """
+
+    descriptor_dim = 128
+    default_conf = {"root": True, "default_size": 12.0}
+
+    def describe(self, image: np.ndarray, keypoints: np.ndarray, sizes: np.ndarray | None = None,
+                 angles: np.ndarray | None = None, **_: object) -> np.ndarray:
+        n = len(keypoints)
+        out = np.zeros((n, 128), np.float32)
+        if n == 0:
+            return out
+        gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+        gray = np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        size = np.full(n, self.conf["default_size"], np.float32) if sizes is None else sizes
+        angle = np.zeros(n, np.float32) if angles is None else angles
+        cv_kpts = [cv2.KeyPoint(float(x), float(y), float(s), float(a), 0.0, 0, i)
+                   for i, ((x, y), s, a) in enumerate(zip(keypoints, size, angle, strict=True))]
+        cv_kpts, desc = cv2.SIFT_create().compute(gray, cv_kpts)
+        if desc is None:
+            return out
+        # OpenCV may drop keypoints; class_id carries the original index back.
+        ids = np.array([k.class_id for k in cv_kpts], np.int64)
+        desc = desc.astype(np.float32)
+        if self.conf["root"]:
+            desc /= np.maximum(desc.sum(1, keepdims=True), 1e-8)  # L1
+            desc = np.sqrt(desc)
+        desc /= np.maximum(np.linalg.norm(desc, axis=1, keepdims=True), 1e-8)
+        out[ids] = desc
+        return out

@@ -1,0 +1,224 @@
+"""Crash-safe writing of hloc-style h5 files.
+
+HDF5 files are not crash-safe: a process killed in the middle of a write can leave a file that
+no reader opens. So an output file is never modified in place. New entries go into small shard
+files under ``<output>.parts/`` (written as ``*.tmp``, renamed when closed); ``finalize`` merges
+the old output and the shards into a temporary file that atomically replaces the output. After a
+crash the next run salvages every complete entry of the shards, so finished work is never lost,
+and readers of the output only ever see a complete file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import FormatError
+
+logger = logging.getLogger("dift_sfm")
+
+Validator = Callable[[h5py.Group], bool]
+
+
+def open_h5(path: Path | str, mode: str = "r") -> h5py.File:
+    """Open an h5 file with a clear error naming it when it is missing or corrupt."""
+    path = Path(path)
+    if mode == "r" and not path.is_file():
+        raise FormatError(f"h5 file {path} does not exist.")
+    try:
+        return h5py.File(path, mode, locking=False)
+    except OSError as err:
+        raise FormatError(f"Could not open h5 file {path} ({err}). If a run was killed while "
+                          "writing it with another tool, delete it and re-run.") from err
+
+
+def iter_entries(f: h5py.Group, is_complete: Validator, prefix: str = "") -> Iterable[str]:
+    """Paths of the groups below ``f`` that ``is_complete`` accepts (recursing into the rest)."""
+    for key, item in f.items():
+        if not isinstance(item, h5py.Group):
+            continue
+        path = f"{prefix}{key}"
+        if is_complete(item):
+            yield path
+        else:
+            yield from iter_entries(item, is_complete, path + "/")
+
+
+def _copy_entry(src: h5py.File, dst: h5py.File, key: str) -> None:
+    if key in dst:
+        del dst[key]
+    parent = key.rsplit("/", 1)[0] if "/" in key else None
+    if parent:
+        dst.require_group(parent)
+    src.copy(src[key], dst, name=key)
+
+
+class ShardedH5Writer:
+    """Adds entries (groups of numeric datasets) to an h5 output without writing it in place.
+
+    Args:
+        path: the output file.
+        is_complete: tells whether a group is a complete entry (all datasets, shapes agree).
+        root_attrs: attributes to set on the output's root (e.g. the conf that wrote it).
+        shard_entries: entries per shard; at most this much work is lost on a kill -9.
+    """
+
+    def __init__(self, path: Path | str, is_complete: Validator,
+                 root_attrs: dict | None = None, shard_entries: int = 16,
+                 shard_seconds: float = 30.0):
+        self.path = Path(path)
+        self.parts = self.path.with_name(self.path.name + ".parts")
+        self.is_complete = is_complete
+        self.root_attrs = dict(root_attrs or {})
+        self.shard_entries = shard_entries
+        self.shard_seconds = shard_seconds
+        self._shard: h5py.File | None = None
+        self._shard_path: Path | None = None
+        self._shard_count = 0
+        self._shard_start = 0.0
+        self.written: set[str] = set()
+        self._salvage()
+
+    # ------------------------------------------------------------------ recovery
+    def _salvage(self) -> None:
+        """Turn leftovers of an interrupted run into clean shards; drop what cannot be read."""
+        stale = self.path.with_name(self.path.name + ".merging")
+        if stale.exists():
+            stale.unlink()
+        if not self.parts.is_dir():
+            return
+        for tmp in sorted(self.parts.glob("*.tmp")):
+            keys: list[str] = []
+            try:
+                with h5py.File(tmp, "r", locking=False) as f:
+                    keys = list(iter_entries(f, self.is_complete))
+                    if keys:
+                        with h5py.File(tmp.with_suffix(".h5"), "w", locking=False) as out:
+                            for key in keys:
+                                _copy_entry(f, out, key)
+            except (OSError, KeyError, RuntimeError) as err:
+                logger.warning("Dropping unreadable partial shard %s (%s).", tmp, err)
+            if keys:
+                logger.info("Recovered %d entries from an interrupted run (%s).", len(keys), tmp)
+            tmp.unlink()
+
+    def _shards(self) -> list[Path]:
+        return sorted(self.parts.glob("*.h5")) if self.parts.is_dir() else []
+
+    def pending_keys(self) -> set[str]:
+        """Complete entries waiting in shards from this or an interrupted run."""
+        keys: set[str] = set()
+        for shard in self._shards():
+            try:
+                with h5py.File(shard, "r", locking=False) as f:
+                    keys.update(iter_entries(f, self.is_complete))
+            except OSError as err:
+                logger.warning("Ignoring unreadable shard %s (%s).", shard, err)
+        return keys
+
+    # ------------------------------------------------------------------ writing
+    def _open_shard(self) -> h5py.File:
+        if self._shard is None:
+            self.parts.mkdir(parents=True, exist_ok=True)
+            index = len(list(self.parts.glob("*")))
+            while True:
+                stem = f"{index:06d}-{os.getpid()}"
+                if not (self.parts / f"{stem}.h5").exists():
+                    break
+                index += 1
+            self._shard_path = self.parts / f"{stem}.tmp"
+            self._shard = h5py.File(self._shard_path, "w", locking=False)
+            self._shard_count = 0
+            self._shard_start = time.monotonic()
+        return self._shard
+
+    def _close_shard(self) -> None:
+        if self._shard is None:
+            return
+        self._shard.close()
+        assert self._shard_path is not None
+        os.replace(self._shard_path, self._shard_path.with_suffix(".h5"))
+        self._shard = None
+
+    def write(self, key: str, datasets: dict[str, np.ndarray], attrs: dict | None = None) -> None:
+        """Write one entry: group ``key`` (may contain '/') holding ``datasets``."""
+        f = self._open_shard()
+        if key in f:
+            del f[key]
+        group = f.create_group(key)
+        for name, value in datasets.items():
+            group.create_dataset(name, data=value)
+        for name, value in (attrs or {}).items():
+            group.attrs[name] = value
+        f.flush()
+        self.written.add(key)
+        self._shard_count += 1
+        if (self._shard_count >= self.shard_entries
+                or time.monotonic() - self._shard_start > self.shard_seconds):
+            self._close_shard()
+
+    def finalize(self, drop_existing: bool = False) -> None:
+        """Merge the output and all shards into a new file that atomically replaces the output.
+
+        With ``drop_existing`` the old output's entries are discarded (a fresh file).
+        """
+        self._close_shard()
+        shards = self._shards()
+        if not shards and self.path.exists() and not drop_existing and not self._attrs_changed():
+            self._remove_parts()
+            return
+        tmp = self.path.with_name(self.path.name + ".merging")
+        with h5py.File(tmp, "w", locking=False) as out:
+            from_shards: dict[str, Path] = {}
+            for shard in shards:
+                try:
+                    with h5py.File(shard, "r", locking=False) as f:
+                        for key in iter_entries(f, self.is_complete):
+                            from_shards[key] = shard
+                except OSError as err:
+                    logger.warning("Ignoring unreadable shard %s (%s).", shard, err)
+            if self.path.exists() and not drop_existing:
+                with open_h5(self.path) as old:
+                    out.attrs.update(dict(old.attrs))
+                    for key in iter_entries(old, self.is_complete):
+                        if key not in from_shards:
+                            _copy_entry(old, out, key)
+            by_shard: dict[Path, list[str]] = {}
+            for key, shard in from_shards.items():
+                by_shard.setdefault(shard, []).append(key)
+            for shard, keys in by_shard.items():
+                with h5py.File(shard, "r", locking=False) as f:
+                    for key in keys:
+                        _copy_entry(f, out, key)
+            out.attrs.update(self.root_attrs)
+        os.replace(tmp, self.path)
+        self._remove_parts()
+
+    def _attrs_changed(self) -> bool:
+        if not self.root_attrs:
+            return False
+        with open_h5(self.path) as f:
+            return any(k not in f.attrs or _differs(f.attrs[k], v)
+                       for k, v in self.root_attrs.items())
+
+    def _remove_parts(self) -> None:
+        if self.parts.is_dir():
+            shutil.rmtree(self.parts, ignore_errors=True)
+
+    def close(self) -> None:
+        """Close the open shard without merging (work stays in shards for the next run)."""
+        self._close_shard()
+
+
+def _differs(a: object, b: object) -> bool:
+    try:
+        return bool(np.any(np.asarray(a) != np.asarray(b)))
+    except (TypeError, ValueError):
+        return True

@@ -1,0 +1,65 @@
+"""matches.h5 in hloc's layout.
+
+Pair key ``name0.replace('/', '-') + '/' + name1.replace('/', '-')`` (older files join with
+``_``); each pair is stored once, in either orientation. Datasets: ``matches0`` (N0,) int32,
+index into image 1's keypoints or -1; ``matching_scores0`` (N0,) float32.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from ..errors import FormatError
+from .h5store import open_h5
+
+
+def pair_key(name0: str, name1: str, separator: str = "/") -> str:
+    """hloc's key of the pair (name0, name1)."""
+    return name0.replace("/", "-") + separator + name1.replace("/", "-")
+
+
+def is_complete_matches(group: h5py.Group) -> bool:
+    """True if ``group`` holds a complete pair entry."""
+    try:
+        m = group["matches0"]
+        return m.ndim == 1 and group["matching_scores0"].shape == m.shape
+    except (KeyError, TypeError, AttributeError):
+        return False
+
+
+def find_pair(f: h5py.File, name0: str, name1: str) -> tuple[str, bool] | None:
+    """(key, reversed) of the pair in an open file, any orientation, new or old keys."""
+    for sep in ("/", "_"):
+        for a, b, rev in ((name0, name1, False), (name1, name0, True)):
+            key = pair_key(a, b, sep)
+            if key in f and isinstance(f[key], h5py.Group) and is_complete_matches(f[key]):
+                return key, rev
+    return None
+
+
+def match_datasets(matches0: np.ndarray, scores0: np.ndarray) -> dict[str, np.ndarray]:
+    """Datasets of one pair entry: matches0 as int32 (hloc's int16 overflows past 32767)."""
+    return {"matches0": np.asarray(matches0, np.int32).reshape(-1),
+            "matching_scores0": np.asarray(scores0, np.float32).reshape(-1)}
+
+
+def read_matches(path: Path | str, name0: str, name1: str) -> tuple[np.ndarray, np.ndarray]:
+    """Matches of a pair: ((M, 2) int64 indices into name0's and name1's keypoints, (M,) scores).
+
+    Works whichever orientation the pair was stored in, with new ('/') or old ('_') keys.
+    """
+    with open_h5(path) as f:
+        found = find_pair(f, name0, name1)
+        if found is None:
+            raise FormatError(f"Pair ({name0}, {name1}) is not in matches file {path}.")
+        key, rev = found
+        m0 = f[key]["matches0"][()].astype(np.int64)
+        s0 = f[key]["matching_scores0"][()].astype(np.float32)
+    idx = np.where(m0 > -1)[0]
+    matches = np.stack([idx, m0[idx]], -1)
+    if rev:
+        matches = matches[:, ::-1]
+    return np.ascontiguousarray(matches), s0[idx]

@@ -1,0 +1,154 @@
+"""Image discovery, reading and resizing.
+
+Images are read on COLMAP's raw pixel grid: EXIF orientation is ignored, so keypoints written
+by dift-sfm line up with what COLMAP and hloc read from the same file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import DiftSfmError, ImageReadError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".bmp",
+                    ".tif", ".tiff", ".webp"}
+
+# Above this many pixels an image is refused rather than exhausting memory (about 2 GiB as
+# float32 RGB). resize_max is applied after reading, so it cannot help here.
+MAX_PIXELS = 180_000_000
+
+
+def list_images(image_dir: Path | str) -> list[str]:
+    """Relative POSIX paths of every image below ``image_dir`` (recursive), sorted.
+
+    Files whose extension is not an image extension (case-insensitive) are skipped, so text
+    files and hidden files in photo folders do no harm.
+    """
+    root = Path(image_dir)
+    if not root.is_dir():
+        raise DiftSfmError(f"Image directory {root} does not exist or is not a directory.")
+    names = sorted(
+        p.relative_to(root).as_posix()
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS
+        and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    )
+    return names
+
+
+def read_image_list(path: Path | str) -> list[str]:
+    """Read an image list: one name per line, blank lines and '#' comments ignored.
+
+    Only the first whitespace-separated token counts (hloc query lists carry intrinsics after it).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DiftSfmError(f"Image list {path} does not exist.")
+    names = []
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if line and not line.startswith("#"):
+            names.append(line.split()[0])
+    return names
+
+
+def resolve_image_list(image_dir: Path | str,
+                       image_list: Path | str | list[str] | None) -> list[str]:
+    """The image names to process: ``image_list`` (a file or a list) or every image found.
+
+    Raises DiftSfmError for an empty result or duplicated names.
+    """
+    if image_list is None:
+        names = list_images(image_dir)
+        source = f"image directory {image_dir}"
+    elif isinstance(image_list, (str, Path)):
+        names = read_image_list(image_list)
+        source = f"image list {image_list}"
+    else:
+        names = [str(n) for n in image_list]
+        source = "the given image list"
+    if not names:
+        raise DiftSfmError(f"No images found in {source} "
+                           f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}).")
+    seen: set[str] = set()
+    dups = sorted({n for n in names if n in seen or seen.add(n)})
+    if dups:
+        raise DiftSfmError(f"Duplicate image names in {source}: {', '.join(dups[:5])}.")
+    return names
+
+
+def read_image(path: Path | str, grayscale: bool = False) -> np.ndarray:
+    """Read an image as float32 in [0, 1]: (H, W, 3) RGB, or (H, W) if ``grayscale``.
+
+    Handles 8- and 16-bit, grey, RGB and RGBA (alpha dropped) files of any format OpenCV reads,
+    ignoring EXIF orientation. Raises ImageReadError naming the file when it is missing,
+    unreadable or truncated.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageReadError(f"Image {path} does not exist.")
+    flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        data = np.fromfile(str(path), dtype=np.uint8)
+        image = cv2.imdecode(data, flags) if data.size else None
+    except (cv2.error, OSError, MemoryError) as err:
+        raise ImageReadError(f"Could not read image {path}: {err}") from err
+    if image is None:
+        raise ImageReadError(f"Could not decode image {path}: unreadable, truncated or not an "
+                             "image.")
+    if image.shape[0] * image.shape[1] > MAX_PIXELS:
+        raise ImageReadError(f"Image {path} is too large ({image.shape[1]}x{image.shape[0]}).")
+    if image.dtype == np.uint16:
+        image = image.astype(np.float32) / 65535.0
+    elif image.dtype == np.uint8:
+        image = image.astype(np.float32) / 255.0
+    else:
+        image = image.astype(np.float32)
+        if image.max() > 1.0:
+            image /= image.max()
+    if image.ndim == 2:
+        image = image[..., None]
+    channels = image.shape[2]
+    if channels == 1:
+        rgb = np.repeat(image, 3, axis=2)
+    elif channels in (3, 4):
+        rgb = image[..., 2::-1]  # BGR(A) -> RGB, alpha dropped
+    else:
+        raise ImageReadError(f"Image {path} has {channels} channels; expected 1, 3 or 4.")
+    rgb = np.ascontiguousarray(rgb)
+    if grayscale:
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return rgb
+
+
+def image_size(path: Path | str) -> tuple[int, int]:
+    """(W, H) of an image file on the raw pixel grid (reads the image)."""
+    img = read_image(path)
+    return img.shape[1], img.shape[0]
+
+
+def resize_max(image: np.ndarray, max_size: int | None) -> tuple[np.ndarray, tuple[float, float]]:
+    """Downscale so the longer side is at most ``max_size`` (never upscales).
+
+    Returns the image and the scale (sx, sy) = original size / new size, so a keypoint at
+    ``x`` in the resized image sits at ``(x + 0.5) * sx - 0.5`` in the original
+    (pixel centres at integer coordinates).
+    """
+    h, w = image.shape[:2]
+    if not max_size or max(h, w) <= max_size:
+        return image, (1.0, 1.0)
+    ratio = max_size / max(h, w)
+    nw, nh = max(1, round(w * ratio)), max(1, round(h * ratio))
+    resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
+    return resized, (w / nw, h / nh)
+
+
+def to_original(keypoints: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
+    """Map keypoints (N, 2) from a resized image back to original pixels (centres at integers)."""
+    if scale == (1.0, 1.0):
+        return keypoints
+    s = np.asarray(scale, dtype=np.float32)
+    return ((keypoints + 0.5) * s - 0.5).astype(np.float32)

@@ -1,0 +1,156 @@
+"""Keypoint detectors: DoG (OpenCV SIFT), Harris/GFTT, a regular grid, or imported from h5.
+
+Every detector returns a :class:`Keypoints` in the coordinates of the image it was given:
+(x, y), pixel centres at integer coordinates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .errors import DiftSfmError
+
+
+@dataclass
+class Keypoints:
+    """Detected keypoints.
+
+    Attributes:
+        xy: (N, 2) float32 (x, y).
+        scores: (N,) float32 detector responses (higher is better).
+        sizes: (N,) float32 support diameter in pixels (for classical descriptors), or None.
+        angles: (N,) float32 orientation in degrees, or None.
+    """
+
+    xy: np.ndarray
+    scores: np.ndarray
+    sizes: np.ndarray | None = None
+    angles: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.xy)
+
+    def scaled(self, scale: tuple[float, float]) -> Keypoints:
+        """Map to another frame: x' = (x + 0.5) * sx - 0.5 (sizes scale with the mean scale)."""
+        s = np.asarray(scale, np.float32)
+        sizes = None if self.sizes is None else self.sizes * float(s.mean())
+        return Keypoints(((self.xy + 0.5) * s - 0.5).astype(np.float32), self.scores, sizes,
+                         self.angles)
+
+
+def _to_uint8_gray(image: np.ndarray) -> np.ndarray:
+    gray = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)
+
+
+def _top_k(kpts: Keypoints, k: int | None) -> Keypoints:
+    if not k or k <= 0 or len(kpts) <= k:
+        return kpts
+    idx = np.argsort(-kpts.scores, kind="stable")[:k]
+    pick = (lambda a: None if a is None else a[idx])  # noqa: E731
+    return Keypoints(kpts.xy[idx], kpts.scores[idx], pick(kpts.sizes), pick(kpts.angles))
+
+
+def detect_dog(image: np.ndarray, max_keypoints: int | None = 4096,
+               contrast_threshold: float = 0.04 / 3, edge_threshold: float = 10.0,
+               **_: object) -> Keypoints:
+    """Difference-of-Gaussians extrema (OpenCV's SIFT detector), strongest first.
+
+    OpenCV's keypoint coordinates already put pixel centres at integers.
+    """
+    sift = cv2.SIFT_create(contrastThreshold=contrast_threshold, edgeThreshold=edge_threshold)
+    cv_kpts = sift.detect(_to_uint8_gray(image), None)
+    if not cv_kpts:
+        return Keypoints(np.zeros((0, 2), np.float32), np.zeros(0, np.float32),
+                         np.zeros(0, np.float32), np.zeros(0, np.float32))
+    xy = np.array([k.pt for k in cv_kpts], np.float32)
+    scores = np.array([k.response for k in cv_kpts], np.float32)
+    sizes = np.array([k.size for k in cv_kpts], np.float32)
+    angles = np.array([k.angle for k in cv_kpts], np.float32)
+    # SIFT duplicates a location for each dominant orientation; keep the strongest once.
+    _, first = np.unique(np.round(xy * 8).astype(np.int64), axis=0, return_index=True)
+    first = np.sort(first)
+    kpts = Keypoints(xy[first], scores[first], sizes[first], angles[first])
+    return _top_k(kpts, max_keypoints)
+
+
+def detect_gftt(image: np.ndarray, max_keypoints: int | None = 4096, quality_level: float = 0.001,
+                min_distance: float = 4.0, harris: bool = True, block_size: int = 3,
+                size: float = 12.0, **_: object) -> Keypoints:
+    """Harris (or Shi-Tomasi) corners via OpenCV's goodFeaturesToTrack, strongest first."""
+    gray = _to_uint8_gray(image)
+    n = max_keypoints if max_keypoints and max_keypoints > 0 else 0
+    corners = cv2.goodFeaturesToTrack(gray, maxCorners=n, qualityLevel=quality_level,
+                                      minDistance=min_distance, blockSize=block_size,
+                                      useHarrisDetector=harris, k=0.04)
+    if corners is None:
+        return Keypoints(np.zeros((0, 2), np.float32), np.zeros(0, np.float32))
+    xy = corners.reshape(-1, 2).astype(np.float32)
+    response = (cv2.cornerHarris(gray.astype(np.float32), block_size, 3, 0.04) if harris
+                else cv2.cornerMinEigenVal(gray.astype(np.float32), block_size))
+    ix = np.clip(np.round(xy).astype(int), 0, [gray.shape[1] - 1, gray.shape[0] - 1])
+    scores = response[ix[:, 1], ix[:, 0]].astype(np.float32)
+    return _top_k(Keypoints(xy, scores, np.full(len(xy), size, np.float32)), max_keypoints)
+
+
+def detect_grid(image: np.ndarray, step: int = 16, max_keypoints: int | None = None,
+                size: float = 16.0, **_: object) -> Keypoints:
+    """A regular grid with spacing ``step``, centred in the image; all scores are 1.
+
+    If ``max_keypoints`` is smaller than the grid, the step grows until it fits.
+    """
+    h, w = image.shape[:2]
+    step = max(1, int(step))
+    while max_keypoints and (w // step) * (h // step) > max_keypoints:
+        step += 1
+    xs = np.arange(w // step) * step + (w - (w // step - 1) * step - 1) / 2
+    ys = np.arange(h // step) * step + (h - (h // step - 1) * step - 1) / 2
+    gx, gy = np.meshgrid(xs, ys)
+    xy = np.stack([gx.ravel(), gy.ravel()], 1).astype(np.float32)
+    return Keypoints(xy, np.ones(len(xy), np.float32), np.full(len(xy), size, np.float32))
+
+
+def import_keypoints(name: str, path: str | Path, max_keypoints: int | None = None,
+                     **_: object) -> Keypoints:
+    """Keypoints of image ``name`` from an existing hloc features file (e.g. SuperPoint's).
+
+    These are in ORIGINAL image pixels already; scores are read when present.
+    """
+    from .formats.features import read_keypoints, read_scores
+
+    if path is None:
+        raise DiftSfmError("keypoints.name='import' needs keypoints.path (an hloc features.h5).")
+    xy = read_keypoints(path, name)
+    try:
+        scores = read_scores(path, name)
+    except DiftSfmError:
+        scores = np.ones(len(xy), np.float32)
+    if max_keypoints and len(xy) > max_keypoints:
+        idx = np.argsort(-scores, kind="stable")[:max_keypoints]
+        xy, scores = xy[idx], scores[idx]
+    return Keypoints(xy, scores)
+
+
+DETECTORS = {"dog": detect_dog, "sift": detect_dog, "gftt": detect_gftt, "harris": detect_gftt,
+             "grid": detect_grid}
+
+
+def detect_keypoints(image: np.ndarray, conf: dict) -> Keypoints:
+    """Run the detector named by ``conf['name']`` on ``image`` (H, W, 3) or (H, W) in [0, 1].
+
+    Detector 'import' is not handled here (it needs the image name): see ``import_keypoints``.
+    """
+    name = conf.get("name", "dog")
+    if name == "harris":
+        conf = {**conf, "harris": True}
+    elif name == "gftt":
+        conf = {"harris": False, **conf}
+    if name not in DETECTORS:
+        raise DiftSfmError(f"Unknown keypoint detector '{name}'. "
+                           f"Available: {', '.join([*DETECTORS, 'import'])}.")
+    options = {k: v for k, v in conf.items() if k != "name"}
+    return DETECTORS[name](image, **options)
