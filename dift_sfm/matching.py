@@ -82,6 +82,8 @@ def mutual_nearest_neighbours(
             return (2 - 2 * sim).clamp_min(0).sqrt()
         return (-sim).clamp_min(0).sqrt()
 
+    if metric == "l2":  # exact distances of the chosen pairs (the expansion loses precision)
+        best0 = -((d0 - d1[nn01]) ** 2).sum(1)
     if need_second:
         keep &= dist(best0) < ratio_threshold * dist(second0)
         keep &= (dist(best1) < ratio_threshold * dist(second1))[nn01]

@@ -1,0 +1,67 @@
+"""Shared fixtures: paths to ../shared and synthetic, real-looking images."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+DATA = SHARED / "data"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
+    """A real-looking (H, W, 3) uint8 texture: multi-scale noise plus random shapes and text."""
+    rng = np.random.default_rng(seed)
+    img = np.zeros((h, w, 3), np.float32)
+    for octave in range(1, 7):
+        s = 2 ** octave
+        small = rng.random((h // s + 2, w // s + 2, 3)).astype(np.float32)
+        img += cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC) / octave
+    img = (img - img.min()) / (img.max() - img.min()) * 255
+    img = img.astype(np.uint8)
+    for _ in range(40):
+        color = tuple(int(c) for c in rng.integers(0, 255, 3))
+        x, y = int(rng.integers(0, w)), int(rng.integers(0, h))
+        r = int(rng.integers(4, max(5, min(h, w) // 8)))
+        if rng.random() < 0.5:
+            cv2.circle(img, (x, y), r, color, -1)
+        else:
+            cv2.rectangle(img, (x, y), (x + r, y + int(r * 1.5)), color, -1)
+    for _ in range(6 if min(h, w) > 60 else 0):
+        x, y = int(rng.integers(0, w - 40)), int(rng.integers(20, h))
+        cv2.putText(img, "DIFT" + str(rng.integers(100)), (x, y), cv2.FONT_HERSHEY_SIMPLEX,
+                    0.6 + rng.random(), (255, 255, 255), 2)
+    return img
+
+
+def warp(img: np.ndarray, H: np.ndarray) -> np.ndarray:
+    """Warp ``img`` by homography H (image-0 pixels to image-1 pixels, centres at integers)."""
+    return cv2.warpPerspective(img, H, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR,
+                               borderMode=cv2.BORDER_REFLECT)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    """../shared/data, or skip with a message."""
+    if not DATA.is_dir():
+        pytest.skip(f"shared data not found at {DATA} (real-photo tests need ../shared/data)")
+    return DATA
+
+
+@pytest.fixture
+def synthetic_pair(tmp_path: Path) -> tuple[Path, np.ndarray]:
+    """A folder with a.png and b.png = a warped by a known homography H (returned)."""
+    img = texture(360, 480, seed=1)
+    H = np.array([[0.9, 0.08, 20.0], [-0.06, 0.95, 15.0], [1e-4, -5e-5, 1.0]])
+    folder = tmp_path / "images"
+    folder.mkdir()
+    cv2.imwrite(str(folder / "a.png"), img)
+    cv2.imwrite(str(folder / "b.png"), warp(img, H))
+    return folder, H

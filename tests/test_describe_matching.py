@@ -1,0 +1,72 @@
+import numpy as np
+import pytest
+import torch
+
+from dift_sfm.describe import sample_descriptors
+from dift_sfm.featurizers.base import DenseFeatures
+from dift_sfm.matching import dense_mutual_nearest_neighbours, mutual_nearest_neighbours
+
+
+@pytest.mark.parametrize("image_size,map_hw", [((640, 480), (60, 80)), ((500, 301), (19, 32)),
+                                               ((768, 768), (384, 384))])
+def test_sampling_is_exact_for_linear_maps(image_size, map_hw):
+    """A map whose cells hold their own centre (in original pixels) samples back the keypoint."""
+    w, h = image_size
+    mh, mw = map_hw
+    xs = (torch.arange(mw) + 0.5) * w / mw - 0.5
+    ys = (torch.arange(mh) + 0.5) * h / mh - 0.5
+    fmap = torch.stack([xs[None].expand(mh, mw), ys[:, None].expand(mh, mw),
+                        torch.full((mh, mw), 1000.0)])
+    rng = np.random.default_rng(0)
+    # keypoints between the first and last cell centres (no border clamping there)
+    lo = np.array([xs[0], ys[0]]) + 1e-3
+    hi = np.array([xs[-1], ys[-1]]) - 1e-3
+    kpts = rng.uniform(lo, hi, (200, 2)).astype(np.float32)
+    desc = sample_descriptors(fmap, kpts, image_size)
+    expected = np.c_[kpts, np.full(len(kpts), 1000.0)]
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert desc.shape == (200, 3)
+    assert np.abs(desc - expected).max() < 1e-5
+
+
+def test_dense_features_stride_and_empty():
+    dense = DenseFeatures(torch.randn(8, 24, 32), image_size=(1000, 700), input_size=(256, 192))
+    assert dense.stride == (8.0, 8.0)
+    assert dense.sample(np.zeros((0, 2), np.float32)).shape == (0, 8)
+    d = dense.sample(np.array([[10.0, 20.0], [999.0, 699.0]], np.float32))
+    assert np.allclose(np.linalg.norm(d, axis=1), 1.0, atol=1e-5)
+
+
+def test_mnn_matches_dense_reference_and_chunking():
+    rng = np.random.default_rng(0)
+    d1 = rng.standard_normal((700, 64)).astype(np.float32)
+    perm = rng.permutation(700)[:500]
+    d0 = d1[perm] + 0.3 * rng.standard_normal((500, 64)).astype(np.float32)
+    ref = dense_mutual_nearest_neighbours(d0, d1)
+    for chunk in (7, 128, 100000):
+        m0, s0 = mutual_nearest_neighbours(d0, d1, chunk=chunk)
+        assert np.array_equal(m0, ref)
+    assert (m0[m0 > -1] == perm[m0 > -1]).mean() > 0.95
+    assert np.all(s0[m0 == -1] == 0) and np.all(s0[m0 > -1] > 0)
+
+
+def test_mnn_l2_ratio_threshold_and_edge_cases():
+    rng = np.random.default_rng(1)
+    d1 = rng.standard_normal((300, 16)).astype(np.float32) * 3
+    d0 = d1[:200] + 0.05 * rng.standard_normal((200, 16)).astype(np.float32)
+    m0, s0 = mutual_nearest_neighbours(d0, d1, metric="l2")
+    assert np.array_equal(m0, np.arange(200))
+    dist = np.linalg.norm(d0 - d1[:200], axis=1)
+    assert np.allclose(s0, np.exp(-dist), atol=1e-4)
+    # a second, nearly identical candidate fails the ratio test
+    d1b = np.concatenate([d1, d1[:1] + 1e-3])
+    m0r, _ = mutual_nearest_neighbours(d0, d1b, metric="l2", ratio_threshold=0.8)
+    assert m0r[0] == -1 and (m0r[1:] > -1).all()
+    mt, _ = mutual_nearest_neighbours(d0, d1, metric="l2", min_score=0.1)
+    assert np.array_equal(mt > -1, dist <= 0.1)
+    m_empty, s_empty = mutual_nearest_neighbours(np.zeros((0, 16)), d1)
+    assert m_empty.shape == (0,) and s_empty.shape == (0,)
+    m_none, _ = mutual_nearest_neighbours(d0, np.zeros((0, 16)))
+    assert (m_none == -1).all()
+    with pytest.raises(ValueError):
+        mutual_nearest_neighbours(d0, d1[:, :8])
