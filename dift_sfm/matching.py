@@ -16,20 +16,41 @@ def _similarity(d0: torch.Tensor, d1: torch.Tensor, metric: str) -> torch.Tensor
     return sim
 
 
-def _best_two(d0: torch.Tensor, d1: torch.Tensor, metric: str, chunk: int,
-              need_second: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """For each row of d0: best similarity, its index in d1, and the second best (optional)."""
-    best, idx, second = [], [], []
-    k = 2 if need_second and d1.shape[0] > 1 else 1
+def _top2_merge(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor,
+                new_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge two (k, M) top-k lists into the top-k of their union, per column."""
+    v = torch.cat([vals, new_vals])
+    i = torch.cat([idx, new_idx])
+    top = v.topk(vals.shape[0], dim=0)
+    return top.values, i.gather(0, top.indices)
+
+
+def _nearest_both_ways(d0: torch.Tensor, d1: torch.Tensor, metric: str, chunk: int, k: int):
+    """Top-k similarities of every row of d0 in d1 and of every row of d1 in d0, in one pass.
+
+    The (N0, N1) similarity is computed once, ``chunk`` rows at a time; the column-wise top-k
+    is merged across chunks. Returns (vals01 (k, N0), idx01, vals10 (k, N1), idx10).
+    """
+    n1 = d1.shape[0]
+    vals01, idx01 = [], []
+    vals10 = torch.full((k, n1), -float("inf"), device=d0.device)
+    idx10 = torch.zeros((k, n1), dtype=torch.long, device=d0.device)
     for start in range(0, d0.shape[0], chunk):
         sim = _similarity(d0[start:start + chunk], d1, metric)
-        top = sim.topk(k, dim=1)
-        best.append(top.values[:, 0])
-        idx.append(top.indices[:, 0])
-        if need_second:
-            second.append(top.values[:, 1] if k == 2 else torch.full_like(top.values[:, 0],
-                                                                         -float("inf")))
-    return torch.cat(best), torch.cat(idx), (torch.cat(second) if need_second else None)
+        kr = min(k, sim.shape[1])
+        top = sim.topk(kr, dim=1)
+        vals01.append(top.values.T)
+        idx01.append(top.indices.T)
+        kc = min(k, sim.shape[0])
+        col = sim.topk(kc, dim=0)
+        if kc < k:
+            pad = torch.full((k - kc, n1), -float("inf"), device=d0.device)
+            col_vals = torch.cat([col.values, pad])
+            col_idx = torch.cat([col.indices, torch.zeros_like(pad, dtype=torch.long)])
+        else:
+            col_vals, col_idx = col.values, col.indices
+        vals10, idx10 = _top2_merge(vals10, idx10, col_vals, col_idx + start)
+    return torch.cat(vals01, 1), torch.cat(idx01, 1), vals10, idx10
 
 
 def mutual_nearest_neighbours(
@@ -71,8 +92,12 @@ def mutual_nearest_neighbours(
     if metric == "cosine":
         d0, d1 = F.normalize(d0, dim=1), F.normalize(d1, dim=1)
     need_second = ratio_threshold is not None
-    best0, nn01, second0 = _best_two(d0, d1, metric, chunk, need_second)
-    best1, nn10, second1 = _best_two(d1, d0, metric, chunk, need_second)
+    k = 2 if need_second else 1
+    vals01, idx01, vals10, idx10 = _nearest_both_ways(d0, d1, metric, chunk, k)
+    best0, nn01, best1, nn10 = vals01[0], idx01[0], vals10[0], idx10[0]
+    inf = torch.tensor(-float("inf"), device=d0.device)
+    second0 = vals01[1] if vals01.shape[0] > 1 else inf.expand(n0)
+    second1 = vals10[1] if need_second else None
 
     ar = torch.arange(n0, device=d0.device)
     keep = nn10[nn01] == ar
