@@ -64,8 +64,8 @@ def _check_file_conf(feature_path: Path, conf: dict, overwrite: bool) -> bool:
 def _existing_dim(feature_path: Path, done: set[str]) -> int | None:
     """Descriptor size of the entries already in the file (None if it has none)."""
     in_file = [n for n in list_names(feature_path) if n in done] if feature_path.exists() else []
-    if not in_file:
-        return None
+    if not in_file or "pca_components" in read_root_attrs(feature_path):
+        return None  # none yet, or PCA-reduced: new entries are reduced after extraction
     with open_h5(feature_path) as f:
         return int(f[in_file[0]]["descriptors"].shape[0])
 

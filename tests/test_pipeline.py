@@ -176,3 +176,20 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     assert "already done" in result.stderr
     assert list_names(out) == [f"{i:02d}.png" for i in range(48)]
     assert not parts.exists()
+
+
+def test_pca_reduced_file_resumes_and_matches(synthetic_pair, tmp_path):
+    images, H = synthetic_pair
+    conf = get_conf("sift", {"pca.dim": 32})
+    out = extract_features(conf, images, tmp_path / "f.h5", image_list=["a.png"])
+    with h5py.File(out) as f:
+        assert f["a.png/descriptors"].shape[0] == 32
+    extract_features(conf, images, out)  # adds b.png, projected with the same basis
+    with h5py.File(out) as f:
+        assert f["b.png/descriptors"].shape[0] == 32
+        assert f.attrs["pca_components"].shape == (32, 128)
+    assert main(["pairs", "exhaustive", str(images), "-o", str(tmp_path / "p.txt")]) == 0
+    assert main(["match", str(tmp_path / "p.txt"), "--features", str(out),
+                 "-o", str(tmp_path / "m.h5")]) == 0
+    n, ratio = inlier_ratio(out, tmp_path / "m.h5", "a.png", "b.png", H)
+    assert n > 100 and ratio > 0.7, (n, ratio)

@@ -175,7 +175,8 @@ class ShardedH5Writer:
             self._remove_parts()
             return
         tmp = self.path.with_name(self.path.name + ".merging")
-        with h5py.File(tmp, "w", locking=False) as out:
+        # libver >= 1.8 format: root attributes over 64 KiB (e.g. a PCA basis) must fit
+        with h5py.File(tmp, "w", locking=False, libver=("v108", "v110")) as out:
             from_shards: dict[str, Path] = {}
             for shard in shards:
                 try:

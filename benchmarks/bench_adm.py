@@ -1,0 +1,244 @@
+"""Benchmark the DIFT-ADM forward: our ADM UNet against the public algorithm's cost profile.
+
+Builds the real 256x256-uncond architecture (552M parameters) with random weights (nothing is
+downloaded) and, on one device in one run, times
+- ``legacy``: a straightforward forward written here: float32, einsum QKV attention, every skip
+  kept, the whole network run (noise head included) and the block output taken on the way;
+- ``ours``: ``dift_sfm.featurizers.adm.adm_dift_features`` (compute dtype of choice, SDPA
+  attention, early exit, unused skips dropped, optional ensemble chunking / channels_last),
+and checks that both give the same features. Peak memory: CUDA ``max_memory_allocated`` on
+GPU, peak RSS (sampled) on CPU, both above the memory held before the forward (weights etc.).
+
+    python benchmarks/bench_adm.py --device cpu --size 256 --ensemble 1            # CPU
+    python benchmarks/bench_adm.py --device cuda --size 768 --ensemble 4 --dtype bf16  # paper
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import threading
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from dift_sfm.featurizers.adm import adm_dift_features
+from dift_sfm.featurizers.base import resolve_device, resolve_dtype
+from dift_sfm.models.adm import (
+    ADM_256_UNCOND_FLAGS,
+    ADMConfig,
+    ADMUNet,
+    AttentionBlock,
+    Resample,
+    ResBlock,
+    alphas_cumprod,
+    timestep_embedding,
+)
+
+GiB = 2**30
+
+
+# --------------------------------------------------------------------------- legacy forward
+def _norm(layer: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.group_norm(x.float(), layer.num_groups, layer.weight, layer.bias, layer.eps)
+
+
+def _legacy_resblock(block: ResBlock, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    h = F.silu(_norm(block.in_layers[0], x))
+    if block.resample is not None:
+        h, x = block.resample(h), block.resample(x)
+    h = block.in_layers[2](h)
+    e = block.emb_layers(emb)[..., None, None]
+    if block.use_scale_shift_norm:
+        scale, shift = e.chunk(2, dim=1)
+        h = _norm(block.out_layers[0], h) * (1 + scale) + shift
+    else:
+        h = _norm(block.out_layers[0], h + e)
+    return block.skip_connection(x) + block.out_layers[3](F.silu(h))
+
+
+def _legacy_attention(block: AttentionBlock, x: torch.Tensor) -> torch.Tensor:
+    b, c, hh, ww = x.shape
+    x = x.reshape(b, c, -1)
+    qkv = block.qkv(_norm(block.norm, x))
+    heads, ch = block.num_heads, c // block.num_heads
+    if block.new_order:
+        q, k, v = (z.reshape(b * heads, ch, -1) for z in qkv.chunk(3, dim=1))
+    else:
+        q, k, v = qkv.reshape(b * heads, 3 * ch, -1).split(ch, dim=1)
+    scale = ch**-0.25
+    w = torch.softmax(torch.einsum("bct,bcs->bts", q * scale, k * scale).float(), dim=-1)
+    a = torch.einsum("bts,bcs->bct", w, v).reshape(b, c, -1)
+    return (x + block.proj_out(a)).reshape(b, c, hh, ww)
+
+
+def _legacy_seq(seq: nn.Sequential, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    for layer in seq:
+        if isinstance(layer, ResBlock):
+            h = _legacy_resblock(layer, h, emb)
+        elif isinstance(layer, AttentionBlock):
+            h = _legacy_attention(layer, h)
+        elif isinstance(layer, (nn.Conv2d, Resample)):
+            h = layer(h)
+        else:
+            raise TypeError(type(layer))
+    return h
+
+
+def legacy_dift_features(model: ADMUNet, image: torch.Tensor, t: int, output_block: int,
+                         noise: torch.Tensor) -> torch.Tensor:
+    """The public algorithm's cost profile: (1, 3, H, W) + noise (E, 3, H, W) -> (1, C, h, w)."""
+    abar = float(alphas_cumprod(model.config)[t])
+    x = abar**0.5 * image + (1 - abar) ** 0.5 * noise
+    tt = torch.full((x.shape[0],), t, device=x.device)
+    emb = model.time_embed(timestep_embedding(tt, model.config.model_channels))
+    skips, h = [], x
+    for block in model.input_blocks:
+        h = _legacy_seq(block, h, emb)
+        skips.append(h)
+    h = _legacy_seq(model.middle_block, h, emb)
+    feats = None
+    for j, block in enumerate(model.output_blocks):
+        h = _legacy_seq(block, torch.cat([h, skips.pop()], dim=1), emb)
+        if j == output_block:
+            feats = h
+    model.out[2](F.silu(_norm(model.out[0], h)))  # the noise prediction, computed and dropped
+    return feats.mean(0, keepdim=True)
+
+
+# --------------------------------------------------------------------------- measurement
+def random_model(device: torch.device, seed: int = 0) -> ADMUNet:
+    """The real 256x256-uncond architecture with random float32 weights (no download)."""
+    with torch.device("meta"):
+        model = ADMUNet(ADMConfig.from_flags(ADM_256_UNCOND_FLAGS))
+    model = model.to_empty(device=device).eval().requires_grad_(False)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, 0.5 / p[0].numel() ** 0.5, generator=gen)
+            elif "norm" in name or "layers.0" in name or name.startswith("out.0"):
+                p.fill_(1.0 if name.endswith("weight") else 0.0)
+            else:
+                p.normal_(0, 0.02, generator=gen)
+    return model
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int,
+            warmup: int) -> tuple[torch.Tensor, float, float, float]:
+    """Run ``fn``; return (output, wall ms per call, process CPU s per call, peak memory in GiB
+    above the pre-call level). CPU time is robust to other jobs sharing the cores."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        base, peak, stop = _rss(), [0], threading.Event()
+
+        def sample() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], _rss())
+                time.sleep(0.002)
+
+        sampler = threading.Thread(target=sample, daemon=True)
+        sampler.start()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    for _ in range(repeats):
+        out = fn()
+    sync()
+    ms = (time.perf_counter() - start) / repeats * 1000
+    cpu_s = (time.process_time() - cpu_start) / repeats
+    if device.type == "cuda":
+        mem = (torch.cuda.max_memory_allocated() - base) / GiB
+    else:
+        stop.set()
+        sampler.join()
+        mem = (max(peak[0], _rss()) - base) / GiB
+    return out, ms, cpu_s, mem
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--size", type=int, default=256, help="input side (square), px")
+    parser.add_argument("--ensemble", type=int, default=1)
+    parser.add_argument("--t", type=int, default=41)
+    parser.add_argument("--block", type=int, default=11, help="output block")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto", help="ours: auto (bf16 on CUDA), fp32, bf16")
+    parser.add_argument("--chunk", type=int, default=None, help="ours: members per pass")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--repeats", type=int, default=None, help="default: 1 CPU, 5 CUDA")
+    parser.add_argument("--warmup", type=int, default=None, help="default: 0 CPU, 2 CUDA")
+    parser.add_argument("--skip-legacy", action="store_true")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    repeats = args.repeats or (5 if device.type == "cuda" else 1)
+    warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
+    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the comparison
+    torch.backends.cudnn.allow_tf32 = False
+
+    model = random_model(device)
+    gen = torch.Generator().manual_seed(0)
+    image = (torch.rand((1, 3, args.size, args.size), generator=gen) * 2 - 1).to(device)
+    noise = torch.randn((args.ensemble, 3, args.size, args.size), generator=gen).to(device)
+    name = device.type if device.type != "cuda" else torch.cuda.get_device_name(device)
+    print(f"device {name}, threads {torch.get_num_threads()}, {args.size}x{args.size}, "
+          f"ensemble {args.ensemble}, t={args.t}, output block {args.block}, torch "
+          f"{torch.__version__}")
+    rows = []
+    ref = None
+    if not args.skip_legacy:
+        with torch.no_grad():
+            ref, ms, cpu_s, mem = measure(
+                lambda: legacy_dift_features(model, image, args.t, args.block, noise),
+                device, repeats, warmup)
+        rows.append(("legacy (fp32, einsum attention, all skips, full net)", ms, cpu_s, mem))
+
+    model.set_compute_dtype(dtype)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.compile:
+        model.features = torch.compile(model.features)
+    ours, ms, cpu_s, mem = measure(
+        lambda: adm_dift_features(model, image, args.t, args.block, noise, args.chunk,
+                                  args.channels_last),
+        device, repeats, warmup)
+    label = (f"ours ({str(dtype).split('.')[-1]}, SDPA, early exit, dropped skips"
+             + (f", chunk {args.chunk}" if args.chunk else "")
+             + (", channels_last" if args.channels_last else "")
+             + (", compile" if args.compile else "") + ")")
+    rows.append((label, ms, cpu_s, mem))
+
+    unit = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS"
+    print(f"| variant | ms/image | process CPU s/image | peak memory above weights (GiB, "
+          f"{unit}) |")
+    print("|---|---:|---:|---:|")
+    for label, ms, cpu_s, mem in rows:
+        print(f"| {label} | {ms:.0f} | {cpu_s:.1f} | {mem:.2f} |")
+    print(f"features {tuple(ours.shape)}, finite: {bool(torch.isfinite(ours).all())}")
+    if ref is not None:
+        diff = (ours - ref).abs().max().item()
+        rel = ((ours - ref).norm() / ref.norm()).item()
+        tol = 1e-4 if dtype == torch.float32 else 3e-2
+        verdict = "same features" if rel < tol else "MISMATCH"
+        print(f"ours vs legacy: max abs diff {diff:.2e}, relative L2 {rel:.2e} "
+              f"(max |ref| {ref.abs().max().item():.2f}) -> {verdict}")
+
+
+if __name__ == "__main__":
+    main()
