@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import TypeVar
 
 import numpy as np
-from tqdm import tqdm
 
 from .errors import DiftSfmError, FormatError, ImageReadError, PartialFailure
 from .featurizers import Featurizer, get_featurizer
@@ -18,6 +17,7 @@ from .formats.features import feature_datasets, is_complete_features, list_names
 from .formats.h5store import ShardedH5Writer, open_h5
 from .images import read_image, resize_max, resolve_image_list
 from .keypoints import Keypoints, detect_keypoints, import_keypoints
+from .progress import progress
 
 logger = logging.getLogger("dift_sfm")
 
@@ -131,7 +131,7 @@ def extract_features(
     try:
         if todo:
             featurizer = featurizer or get_featurizer(conf["featurizer"])
-            for name, future in tqdm(prefetch(todo, lambda n: read_image(image_dir / n)),
+            for name, future in progress(prefetch(todo, lambda n: read_image(image_dir / n)),
                                      total=len(todo), desc="extract", unit="img"):
                 try:
                     image = future.result()

@@ -9,7 +9,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from tqdm import tqdm
 
 from .errors import FormatError
 from .featurizers.base import resolve_device
@@ -18,6 +17,7 @@ from .formats.h5store import ShardedH5Writer, open_h5
 from .formats.matches import find_pair, is_complete_matches, match_datasets, pair_key
 from .matching import mutual_nearest_neighbours
 from .pairs import read_pairs
+from .progress import progress
 
 logger = logging.getLogger("dift_sfm")
 
@@ -85,7 +85,7 @@ def match_features(
     try:
         with open_h5(feature_path) as f:
             descriptors = _DescriptorCache(f, feature_path)
-            for name0, name1 in tqdm(todo, desc="match", unit="pair"):
+            for name0, name1 in progress(todo, desc="match", unit="pair"):
                 d0, d1 = descriptors(name0), descriptors(name1)
                 if d0.shape[1] != d1.shape[1]:
                     raise FormatError(

@@ -48,19 +48,15 @@ def list_names(path: Path | str) -> list[str]:
         return sorted(iter_entries(f, is_complete_features))
 
 
-def _group(f: h5py.File, name: str, path: Path | str) -> h5py.Group:
-    if name not in f:
-        raise FormatError(f"Image '{name}' is not in features file {path}.")
-    group = f[name]
-    if not is_complete_features(group):
-        raise FormatError(f"Entry '{name}' of features file {path} is incomplete or malformed.")
-    return group
-
-
 def read_dataset(path: Path | str, name: str, dataset: str) -> np.ndarray:
-    """One dataset of an image entry, as stored."""
+    """One dataset of an image entry, as stored (other datasets may be absent, e.g. a
+    keypoints-only file written by another tool)."""
     with open_h5(path) as f:
-        return _group(f, name, path)[dataset][()]
+        if name not in f or not isinstance(f[name], h5py.Group):
+            raise FormatError(f"Image '{name}' is not in features file {path}.")
+        if dataset not in f[name]:
+            raise FormatError(f"Entry '{name}' of features file {path} has no '{dataset}'.")
+        return f[name][dataset][()]
 
 
 def read_keypoints(path: Path | str, name: str) -> np.ndarray:

@@ -1,0 +1,17 @@
+"""Progress bars that follow the log level: `dift-sfm -q` silences them."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from typing import TypeVar
+
+from tqdm import tqdm
+
+T = TypeVar("T")
+
+
+def progress(iterable: Iterable[T], disable: bool = False, **kwargs) -> Iterable[T]:
+    """``tqdm(iterable)``, hidden when the ``dift_sfm`` logger is quieter than INFO."""
+    quiet = logging.getLogger("dift_sfm").getEffectiveLevel() > logging.INFO
+    return tqdm(iterable, disable=disable or quiet, **kwargs)
