@@ -86,12 +86,18 @@ def _run_extract(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- pairs
 def _add_pairs(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("pairs", help="write an image pairs file (hloc format)")
-    p.add_argument("strategy", choices=["exhaustive", "sequential"])
+    p.add_argument("strategy", choices=["exhaustive", "sequential", "retrieval"])
     p.add_argument("image_dir", type=Path)
     p.add_argument("--output", "-o", type=Path, required=True)
     p.add_argument("--image-list", type=Path)
     p.add_argument("--window", type=int, default=5, help="sequential: neighbours after each image")
     p.add_argument("--wrap", action="store_true", help="sequential: the sequence is a loop")
+    p.add_argument("--features", type=Path,
+                   help="retrieval: features.h5 whose descriptors give the global descriptor "
+                        "(without it: the 'tiny' thumbnail + colour histogram descriptor)")
+    p.add_argument("--num-neighbors", type=int, default=10, help="retrieval: top-k per image")
+    p.add_argument("--retrieval-method", choices=["vlad", "mean", "tiny"],
+                   help="retrieval global descriptor (default: vlad with --features, else tiny)")
     p.set_defaults(func=_run_pairs)
 
 
@@ -102,6 +108,11 @@ def _run_pairs(args: argparse.Namespace) -> int:
     names = resolve_image_list(args.image_dir, args.image_list)
     if args.strategy == "exhaustive":
         pairs = exhaustive_pairs(names)
+    elif args.strategy == "retrieval":
+        from .retrieval import retrieval_pairs
+
+        pairs = retrieval_pairs(names, args.num_neighbors, feature_path=args.features,
+                                image_dir=args.image_dir, method=args.retrieval_method)
     else:
         pairs = sequential_pairs(names, window=args.window, wrap=args.wrap)
     write_pairs(args.output, pairs)
@@ -131,11 +142,151 @@ def _run_match(args: argparse.Namespace) -> int:
 
 
 # --- hpatches / pose-bench commands (issue 5) go below this line ---
+def _add_hpatches(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("hpatches", help="HPatches / Oxford homography benchmark (3 protocols)")
+    p.add_argument("roots", type=Path, nargs="+", metavar="ROOT",
+                   help="folder(s) of sequences (HPatches release, Oxford affine) or sequences")
+    p.add_argument("--output", "-o", type=Path, default=Path("outputs/hpatches"),
+                   help="results and cached features/matches (resumable), default: %(default)s")
+    p.add_argument("--protocol", choices=["dift", "gluefactory", "mma", "all"], default=None,
+                   action="append", dest="protocols",
+                   help="dift: accuracy @1/3/5 px at full res; gluefactory: AUC @1/3/5 px at "
+                        "short side 480; mma: D2-Net MMA @1..10 px (repeatable, default all)")
+    p.add_argument("--subset", choices=["full", "108"], default="full",
+                   help="108: drop the 8 sequences with images over 1600x1200")
+    p.add_argument("--keypoints-from", type=Path,
+                   help="describe the keypoints of this hloc features.h5 instead of detecting")
+    p.add_argument("--estimator", choices=["ransac", "lmeds", "magsac", "pycolmap"],
+                   help="dift protocol estimator (default: lmeds for dift-sd, else ransac)")
+    p.add_argument("--threshold", type=float, help="dift protocol inlier threshold, px (3)")
+    p.add_argument("--gf-threshold", default=None,
+                   help="gluefactory protocol pycolmap threshold in px (1.0), or 'auto'")
+    p.add_argument("--num-viz", type=int, default=4, help="match plots to draw")
+    p.add_argument("--overwrite", action="store_true", help="recompute cached features/matches")
+    add_conf_args(p)
+    p.set_defaults(func=_run_hpatches)
+
+
+def _run_hpatches(args: argparse.Namespace) -> int:
+    from .eval.hpatches import PROTOCOLS, run_hpatches
+
+    chosen = args.protocols or ["all"]
+    protocols = PROTOCOLS if "all" in chosen else tuple(dict.fromkeys(chosen))
+    gf = args.gf_threshold
+    if gf is not None and gf != "auto":
+        try:
+            gf = float(gf)
+        except ValueError as err:
+            raise DiftSfmError(f"--gf-threshold expects a number or 'auto', got '{gf}'.") from err
+    run_hpatches(conf_from_args(args), args.roots, args.output, protocols=protocols,
+                 subset=args.subset, max_keypoints=args.max_keypoints,
+                 keypoints_from=args.keypoints_from, estimator=args.estimator,
+                 threshold=args.threshold, gf_threshold=gf, num_viz=args.num_viz,
+                 overwrite=args.overwrite)
+    return 0
+
+
+def _add_pose_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("pose-bench", help="relative pose benchmark on a pairs_with_gt.txt file")
+    p.add_argument("pairs", type=Path, metavar="PAIRS_WITH_GT",
+                   help="SuperGlue format: name0 name1 rot0 rot1 K0(9) K1(9) T_0to1(16)")
+    p.add_argument("--images", type=Path, required=True, help="folder the names are relative to")
+    p.add_argument("--output", "-o", type=Path, required=True)
+    p.add_argument("--threshold", type=float, default=2.0,
+                   help="essential matrix RANSAC threshold, px of the stored images (2)")
+    p.add_argument("--overwrite", action="store_true")
+    add_conf_args(p)
+    p.set_defaults(func=_run_pose_bench)
+
+
+def _run_pose_bench(args: argparse.Namespace) -> int:
+    from .eval.pose import run_pose_benchmark
+
+    run_pose_benchmark(conf_from_args(args), args.pairs, args.images, args.output,
+                       threshold=args.threshold, overwrite=args.overwrite)
+    return 0
+
 
 # --- reconstruct / colmap-import commands (issue 6) go below this line ---
+def _add_camera_args(p: argparse.ArgumentParser) -> None:
+    from .reconstruction import CAMERA_MODES
+
+    p.add_argument("--camera-mode", choices=list(CAMERA_MODES), default="auto",
+                   help="which images share intrinsics (auto: same size + same EXIF camera and "
+                        "focal), default: %(default)s")
+    p.add_argument("--camera-model", default="SIMPLE_RADIAL",
+                   help="COLMAP camera model, e.g. SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, "
+                        "OPENCV (default: %(default)s)")
 
 
-_ADDERS = [_add_confs, _add_extract, _add_pairs, _add_match]
+def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("reconstruct", help="extract, pair, match, then COLMAP incremental "
+                                           "mapping -> OUTPUT/sparse/0")
+    p.add_argument("image_dir", type=Path)
+    p.add_argument("--output", "-o", type=Path, required=True,
+                   help="folder for features, pairs, matches, database.db and sparse/")
+    p.add_argument("--image-list", type=Path,
+                   help="text file of image names (relative to IMAGE_DIR), one per line")
+    p.add_argument("--pairs", default="exhaustive", metavar="exhaustive|sequential|retrieval|FILE",
+                   help="pair strategy or a pairs file (default: %(default)s)")
+    p.add_argument("--window", type=int, default=5, help="sequential: neighbours after each image")
+    p.add_argument("--num-neighbors", type=int, default=10,
+                   help="retrieval: most similar images paired with each image")
+    p.add_argument("--retrieval-method", choices=["vlad", "mean", "tiny"], default=None,
+                   help="retrieval global descriptor (default vlad of the local descriptors)")
+    _add_camera_args(p)
+    p.add_argument("--min-model-size", type=int, default=None,
+                   help="fewest registered images for a model to be kept (default: COLMAP's "
+                        "10, capped at the number of images)")
+    p.add_argument("--overwrite", action="store_true", help="recompute features and matches")
+    add_conf_args(p)
+    p.set_defaults(func=_run_reconstruct)
+
+
+def _run_reconstruct(args: argparse.Namespace) -> int:
+    from .reconstruction import run_pipeline
+
+    _, summary = run_pipeline(
+        conf_from_args(args), args.image_dir, args.output, pairs=args.pairs, window=args.window,
+        num_neighbors=args.num_neighbors, retrieval_method=args.retrieval_method,
+        image_list=args.image_list, camera_mode=args.camera_mode,
+        camera_model=args.camera_model, min_model_size=args.min_model_size,
+        overwrite=args.overwrite)
+    print(summary.format())
+    if summary.failed_images:  # like `extract`: the rest is done, but say so in the exit code
+        logger.error("%d unreadable image(s) are not in the model: %s",
+                     len(summary.failed_images), ", ".join(summary.failed_images))
+        return 1
+    return 0
+
+
+def _add_colmap_import(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("colmap-import", help="write features.h5 keypoints and matches.h5 raw "
+                                             "matches into an existing COLMAP database")
+    p.add_argument("--database", type=Path, required=True, help="existing COLMAP database.db")
+    p.add_argument("--features", type=Path, required=True)
+    p.add_argument("--matches", type=Path, required=True)
+    p.add_argument("--pairs", type=Path, required=True, help="the pairs to import")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace keypoints/matches already in the database for these images")
+    p.set_defaults(func=_run_colmap_import)
+
+
+def _run_colmap_import(args: argparse.Namespace) -> int:
+    from .reconstruction import import_into_database
+
+    stats = import_into_database(args.database, args.features, args.matches, args.pairs,
+                                 overwrite=args.overwrite)
+    print(f"Imported {stats.num_images} images ({stats.num_keypoints} keypoints) and "
+          f"{stats.num_pairs} pairs ({stats.num_matches} raw matches) into {args.database}.\n"
+          f"Next: geometric verification, pycolmap.verify_matches('{args.database}', "
+          f"'{args.pairs}'), then `colmap mapper` or pycolmap.incremental_mapping.")
+    return 0
+
+
+
+_ADDERS = [_add_confs, _add_extract, _add_pairs, _add_match, _add_hpatches, _add_pose_bench,
+           _add_reconstruct, _add_colmap_import]
 
 
 def build_parser() -> argparse.ArgumentParser:
