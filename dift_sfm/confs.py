@@ -43,6 +43,8 @@ confs: dict[str, dict[str, Any]] = {
             "dtype": "auto",
             "device": "auto",
             "seed": 0,
+            "prompt_embeds": None,  # safetensors file; None: cached empty-prompt embedding
+            "chunk_size": 8,  # UNet samples per call (ensemble members x images)
         },
         "matcher": {"name": "mnn", "metric": "cosine", "ratio_threshold": None, "min_score": None},
     },
@@ -53,11 +55,13 @@ confs: dict[str, dict[str, Any]] = {
         "keypoints": dict(_DOG),
         "featurizer": {
             "name": "adm",
-            "model": None,
+            "model": None,  # None: OpenAI's 256x256_diffusion_uncond.pt, downloaded once
+            "flags": None,  # dict or json path; None: json next to the weights, else official
             "img_size": [768, 768],
             "t": 41,
             "output_block": 11,
             "ensemble": 4,
+            "chunk_size": None,  # ensemble members per UNet pass; halved on CUDA OOM
             "dtype": "auto",
             "device": "auto",
             "seed": 0,
@@ -78,9 +82,23 @@ def _derive(base: str, output: str, **sections: dict[str, Any]) -> dict[str, Any
 confs["dift-sd-semantic"] = _derive(
     "dift-sd", "feats-dift-sd-semantic", featurizer={"t": 261, "up_ft_index": 1}
 )
+# CleanDIFT (Stracke et al. 2025): SD-2.1 with the noise-free fine-tuned UNet; the clean latent
+# (posterior mean, no noise) at t=0, one pass. See docs/sd.md.
+confs["cleandift-sd"] = _derive(
+    "dift-sd", "feats-cleandift-sd",
+    featurizer={"unet_weights": {"repo": "CompVis/cleandift",
+                                 "filename": "cleandift_sd21_unet.safetensors", "revision": None},
+                "t": 0, "up_ft_index": 2, "ensemble": 1, "sample_posterior": False,
+                "add_noise": False},
+)
 confs["sift-grid"] = _derive(
     "sift", "feats-sift-grid", keypoints={"name": "grid", "step": 16, "max_keypoints": 4096}
 )
+
+
+# Optional PCA reduction of descriptors, fitted per image set (dift_sfm.pca); off by default.
+for _conf in confs.values():
+    _conf.setdefault("pca", {"dim": None})
 
 
 def parse_value(text: str) -> Any:

@@ -11,7 +11,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, texture, warp
+from conftest import REPO, texture
 
 from dift_sfm.cli import main
 from dift_sfm.confs import get_conf

@@ -1,0 +1,304 @@
+"""Benchmark DIFT-SD: the public DIFT algorithm against dift-sfm's, on the real SD-2.1 architecture.
+
+The SD-2.1 (768-v) UNet and VAE are built from the configs below with random weights (nothing is
+downloaded), so the cost is that of the real model. Each variant runs in its own process (same
+seed, hence the same weights and the same random draws), so peak memory is measured cleanly;
+the timing then runs all variants interleaved in one process:
+
+- ``public``: DIFT as published: fp32, the E ensemble copies of the image each VAE-encoded, the
+  posterior sampled per copy, then the UNet on the E noisy latents with the up-block captured by
+  a hook while the FULL UNet runs (``--public-early-exit``: stop after the block, as the public
+  code's own forward does);
+- ``ours``: ``dift_sfm.featurizers.sd.sd_dift_features``: one VAE encoding, E posterior samples,
+  early exit after ``up_blocks[i]``, ``--dtype`` (auto: bf16 on CUDA), channels_last on CUDA,
+  ``--chunk`` UNet samples per call.
+
+Both get the same ``vae_eps`` and ``noise`` tensors, and the script reports how far their
+features are apart. Reported: ms/image (best of ``--repeats`` after ``--warmup`` runs: on a
+shared machine other load only ever adds time; the mean is in the JSON), peak
+memory (CUDA: ``max_memory_allocated``; CPU: peak RSS increase during the runs, sampled every
+5 ms, over the process with the models loaded), process CPU time per image (all threads; less
+sensitive than wall time to other load on a shared machine) and FLOP/s from a FLOP count
+(matmuls, convs and attention, counted once on the meta device; 1 multiply-add = 2 FLOP).
+
+    python benchmarks/bench_sd.py                       # CPU: 256x256, ensemble 2
+    python benchmarks/bench_sd.py --device cuda --size 768 --ensemble 8 --repeats 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dift_sfm.featurizers.base import resolve_device, resolve_dtype  # noqa: E402
+from dift_sfm.featurizers.sd import sd_dift_features, unet_up_block_output  # noqa: E402
+
+# Stable Diffusion 2.1 (768-v): the UNet and VAE configs of the released model.
+SD21_UNET = dict(
+    sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                      "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                    "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280), attention_head_dim=(5, 10, 20, 20),
+    cross_attention_dim=1024, use_linear_projection=True, upcast_attention=True,
+    norm_num_groups=32, act_fn="silu", flip_sin_to_cos=True, freq_shift=0,
+)
+SD21_VAE = dict(
+    in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=768,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu",
+    scaling_factor=0.18215,
+)
+SD21_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
+                     beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
+                     steps_offset=1, prediction_type="v_prediction")
+
+
+def build(device: torch.device | str, seed: int = 0):
+    """SD-2.1 UNet + VAE (decoder dropped) with seeded random weights, and its DDIM schedule."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        unet = UNet2DConditionModel(**SD21_UNET)
+        vae = AutoencoderKL(**SD21_VAE)
+    vae.decoder = vae.post_quant_conv = None
+    return unet.eval().requires_grad_(False), vae.eval().requires_grad_(False), \
+        DDIMScheduler(**SD21_SCHEDULE)
+
+
+def inputs(args, device="cpu"):
+    """The image, prompt embedding and random draws every variant shares (seeded, on CPU)."""
+    gen = torch.Generator().manual_seed(args.seed)
+    h, w = args.size
+    image = torch.rand(1, 3, h, w, generator=gen) * 2 - 1
+    emb = torch.randn(1, 77, 1024, generator=gen)
+    shape = (args.ensemble, 4, h // 8, w // 8)
+    eps, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
+    return [x.to(device) for x in (image, emb, eps, noise)]
+
+
+@torch.no_grad()
+def public_dift(unet, vae, scheduler, image, emb, t, up_ft_index, eps, noise,
+                early_exit=False):
+    """DIFT as published (our re-implementation): every ensemble copy is VAE-encoded."""
+    e = eps.shape[0]
+    copies = image.repeat(e, 1, 1, 1)
+    post = vae.encode(copies).latent_dist  # E encodings of the same image
+    latents = (post.mean + post.std * eps) * vae.config.scaling_factor
+    timesteps = torch.full((e,), t, dtype=torch.long, device=image.device)
+    noisy = scheduler.add_noise(latents, noise, timesteps)
+    feats = unet_up_block_output(unet, noisy, timesteps, emb.repeat(e, 1, 1), up_ft_index,
+                                 early_exit=early_exit)
+    return feats.mean(0, keepdim=True)
+
+
+def make_variants(variants: list[str], args, device: torch.device, dtype: torch.dtype):
+    """{variant: callable computing the features of one image}, sharing one set of weights.
+
+    ``public*`` run the fp32 models; ``ours`` runs a copy in ``dtype`` (channels_last on
+    CUDA), or the same modules when that changes nothing (fp32 on CPU).
+    """
+    unet, vae, scheduler = build("cpu", args.seed)
+    image, emb, eps, noise = inputs(args, device)
+    fns = {}
+    unet32, vae32 = unet.to(device), vae.to(device)
+    for v in variants:
+        if v.startswith("public"):
+            fns[v] = functools.partial(public_dift, unet32, vae32, scheduler, image, emb, args.t,
+                                       args.up_ft_index, eps, noise,
+                                       early_exit=v == "public-early-exit")
+    if "ours" in variants:
+        same = dtype == torch.float32 and device.type != "cuda" and not args.compile
+        unet_o = unet32 if same else copy.deepcopy(unet32)
+        vae_o = vae32 if same else copy.deepcopy(vae32)
+        # nn.Module.to: diffusers' ModelMixin.to warns about an empty fp32-module list on casts
+        torch.nn.Module.to(unet_o, dtype=dtype)
+        torch.nn.Module.to(vae_o, dtype=dtype)
+        if device.type == "cuda":
+            unet_o.to(memory_format=torch.channels_last)
+            vae_o.to(memory_format=torch.channels_last)
+        if args.compile:
+            for block in [*unet_o.down_blocks, unet_o.mid_block,
+                          *unet_o.up_blocks[:args.up_ft_index]]:
+                block.compile()
+        images = image.repeat(args.batch, 1, 1, 1)
+        fns["ours"] = lambda: sd_dift_features(unet_o, vae_o, scheduler, images, emb, args.t,
+                                               args.up_ft_index, eps, noise, 0.18215,
+                                               chunk_size=args.chunk)[:1]
+    return fns
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def child(args) -> None:
+    """One variant in a fresh process: peak memory of one run (after a warm-up) + features."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    fn = make_variants([args.variant], args, device, dtype)[args.variant]
+    fn()
+    _sync(device)
+    base, peak, stop = _rss(), [0], threading.Event()
+
+    def poll():
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss())
+            time.sleep(0.005)
+
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    feats = fn()
+    _sync(device)
+    stop.set()
+    thread.join()
+    mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+           else max(peak[0], _rss()) - base)
+    Path(args.out_json).write_text(json.dumps({"peak_mem_bytes": int(mem)}))
+    torch.save(feats.float().cpu(), args.out_features)
+
+
+def time_variants(variants: list[str], args) -> dict[str, dict]:
+    """Wall and CPU time per image, the variants interleaved round-robin in one process so
+    that other load on a shared machine hits them alike; best of ``repeats`` (and the mean)."""
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    fns = make_variants(variants, args, device, dtype)
+    for _ in range(args.warmup):
+        for v in variants:
+            fns[v]()
+    times = {v: [] for v in variants}
+    cpu = {v: [] for v in variants}
+    for _ in range(args.repeats):
+        for v in variants:
+            _sync(device)
+            t0, c0 = time.perf_counter(), time.process_time()
+            fns[v]()
+            _sync(device)
+            per = args.batch if v == "ours" else 1
+            times[v].append((time.perf_counter() - t0) / per)
+            cpu[v].append((time.process_time() - c0) / per)
+    return {v: {"device": str(device), "dtype": "float32" if v != "ours" else str(dtype)[6:],
+                "ms_per_image": 1000 * min(times[v]),
+                "mean_ms_per_image": 1000 * sum(times[v]) / len(times[v]),
+                "cpu_s_per_image": min(cpu[v]), "times_s": times[v],
+                "threads": torch.get_num_threads()} for v in variants}
+
+
+def count_flops(args) -> dict[str, float]:
+    """FLOPs per image of each variant, counted on the meta device (no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    unet, vae, scheduler = build("meta", args.seed)
+    scheduler.alphas_cumprod = scheduler.alphas_cumprod.to("meta")
+    image, emb, eps, noise = inputs(args, "meta")
+    out = {}
+    for variant in ("public", "public-early-exit", "ours"):
+        with FlopCounterMode(display=False) as counter:
+            if variant == "ours":
+                sd_dift_features(unet, vae, scheduler, image, emb, args.t, args.up_ft_index, eps,
+                                 noise, 0.18215)
+            else:
+                public_dift(unet, vae, scheduler, image, emb, args.t, args.up_ft_index, eps,
+                            noise, early_exit=variant == "public-early-exit")
+        out[variant] = float(counter.get_total_flops())
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--size", type=int, nargs="+", default=None,
+                   help="input H [W] (multiples of 64); default 256 on CPU, 768 on GPU")
+    p.add_argument("--ensemble", type=int, default=None, help="default 2 on CPU, 8 on GPU")
+    p.add_argument("--t", type=int, default=0)
+    p.add_argument("--up-ft-index", type=int, default=2)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto", help="ours only (public is fp32)")
+    p.add_argument("--chunk", type=int, default=None, help="ours: UNet samples per call")
+    p.add_argument("--batch", type=int, default=1, help="ours: images per call")
+    p.add_argument("--compile", action="store_true", help="ours: torch.compile the blocks")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--public-early-exit", action="store_true",
+                   help="also time the public algorithm stopping after the block")
+    p.add_argument("--variant", help=argparse.SUPPRESS)
+    p.add_argument("--out-json", help=argparse.SUPPRESS)
+    p.add_argument("--out-features", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    gpu = resolve_device(args.device).type == "cuda"
+    size = args.size or [768 if gpu else 256]
+    args.size = (size[0], size[-1])
+    args.ensemble = args.ensemble or (8 if gpu else 2)
+    args.chunk = args.chunk or args.ensemble * args.batch
+    if args.variant:
+        child(args)
+        return 0
+
+    flops = count_flops(args)
+    variants = ["public", *(["public-early-exit"] if args.public_early_exit else []), "ours"]
+    results, feats = {}, {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for v in variants:
+            cmd = [sys.executable, __file__, "--variant", v,
+                   "--out-json", f"{tmp}/{v}.json", "--out-features", f"{tmp}/{v}.pt",
+                   "--size", *map(str, args.size), "--ensemble", str(args.ensemble),
+                   "--t", str(args.t), "--up-ft-index", str(args.up_ft_index),
+                   "--device", args.device, "--dtype", args.dtype, "--chunk", str(args.chunk),
+                   "--batch", str(args.batch), "--seed", str(args.seed),
+                   *(["--compile"] if args.compile else [])]
+            subprocess.run(cmd, check=True)
+            results[v] = json.loads(Path(f"{tmp}/{v}.json").read_text())
+            feats[v] = torch.load(f"{tmp}/{v}.pt")
+    for v, timing in time_variants(variants, args).items():
+        results[v].update(timing)
+
+    ref = feats["public"]
+    h, w = args.size
+    print(f"DIFT-SD, SD-2.1 architecture (random weights), {w}x{h}, ensemble {args.ensemble}, "
+          f"t={args.t}, up_blocks[{args.up_ft_index}] -> features {tuple(ref.shape)}")
+    print(f"{'variant':18s} {'device':7s} {'dtype':9s} {'ms/img':>9s} {'CPU s/img':>9s} "
+          f"{'peak mem':>10s} {'GFLOP/img':>10s} {'TFLOP/s':>8s} {'speed-up':>8s} "
+          f"{'max|diff|/max|ref|':>18s}")
+    base_ms = results["public"]["ms_per_image"]
+    for v in variants:
+        r = results[v]
+        flop = flops["ours" if v == "ours" else v]
+        diff = ((feats[v] - ref).abs().max() / ref.abs().max()).item()
+        print(f"{v:18s} {r['device']:7s} {r['dtype']:9s} {r['ms_per_image']:9.1f} "
+              f"{r['cpu_s_per_image']:9.2f} "
+              f"{r['peak_mem_bytes'] / 2**30:8.2f}Gi {flop / 1e9:10.1f} "
+              f"{flop / (r['ms_per_image'] / 1000) / 1e12:8.3f} "
+              f"{base_ms / r['ms_per_image']:7.2f}x {diff:18.2e}")
+    cos = torch.nn.functional.cosine_similarity(feats["ours"].flatten(1), ref.flatten(1)).item()
+    print(f"ours vs public: cosine similarity {cos:.6f}")
+    print(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith("out")},
+                      "results": results, "flops": flops}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""DIFT-SD: dense features from one denoising step of Stable Diffusion (Tang et al. 2023).
+
+The algorithm (``sd_dift_features``), with its randomness explicit:
+
+1. ``posterior = vae.encode(image).latent_dist`` -- the image is encoded ONCE;
+2. per ensemble member e: ``latent_e = (posterior.mean + posterior.std * vae_eps[e]) * scaling``;
+3. ``x_t = scheduler.add_noise(latent, noise, t)``, t the raw training index in 0..999;
+4. the UNet runs on ``x_t`` (timestep t, the prompt embedding) and STOPS after
+   ``unet.up_blocks[up_ft_index]`` (its output, after its upsampler): the rest is never run;
+5. features = the mean over members, (1, C, h, w), not normalised.
+
+The public DIFT code encodes each of the E copies of the image with the VAE; sampling the
+posterior E times from one encoding is the same distribution at 1/E of the VAE cost.
+``SDFeaturizer`` draws ``vae_eps`` and ``noise`` from a ``torch.Generator`` seeded with
+``seed`` for every image (on the CPU, so features do not depend on the device or on the order of
+the images), batches the members (``chunk_size`` UNet samples per call, halved automatically on
+GPU out-of-memory), and runs in bf16 on CUDA (posterior sampling, noising and the ensemble mean in
+float32), channels_last, with diffusers' SDPA attention.
+
+Input sizes (``img_size``): ``[W, H]`` (both multiples of 64 for SD); ``[W, null]`` or
+``[null, H]``: the other side from the image's aspect ratio; a single int S: the longer side is S
+and the shorter follows the aspect ratio. Derived sides are rounded to a multiple of 64 (of
+``8 * 2**(len(unet.down_blocks) - 1)`` in general). The whole image is resized (bicubic,
+antialiased), never cropped or padded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .. import logger
+from ..confs import SD_MODEL
+from ..errors import DiftSfmError
+from .base import DenseFeatures, DenseFeaturizer, resolve_device, resolve_dtype
+
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+class _EarlyExit(Exception):
+    """Raised by a forward hook to leave the UNet right after the requested up-block."""
+
+    def __init__(self, output: torch.Tensor):
+        super().__init__()
+        self.output = output
+
+
+def unet_up_block_output(unet, sample: torch.Tensor, timestep: torch.Tensor | int,
+                         encoder_hidden_states: torch.Tensor, up_ft_index: int,
+                         early_exit: bool = True) -> torch.Tensor:
+    """Output of ``unet.up_blocks[up_ft_index]`` (after its upsampler) for ``sample`` (N, 4, h, w).
+
+    With ``early_exit`` a forward hook stops the UNet there (later up-blocks and the output
+    head never run); without it the full UNet runs and the block output is captured (the
+    reference for tests and benchmarks). Returns (N, C_i, h_i, w_i) in the UNet's dtype.
+    """
+    n_up = len(unet.up_blocks)
+    if not 0 <= up_ft_index < n_up:
+        raise DiftSfmError(f"up_ft_index must be in 0..{n_up - 1} for this UNet, "
+                           f"got {up_ft_index}.")
+    captured: list[torch.Tensor] = []
+
+    def hook(module, args, output):
+        if early_exit:
+            raise _EarlyExit(output)
+        captured.append(output)
+
+    handle = unet.up_blocks[up_ft_index].register_forward_hook(hook)
+    try:
+        unet(sample, timestep, encoder_hidden_states=encoder_hidden_states, return_dict=False)
+    except _EarlyExit as stop:
+        return stop.output
+    finally:
+        handle.remove()
+    return captured[0]
+
+
+@torch.no_grad()
+def sd_dift_features(unet, vae, scheduler, image: torch.Tensor, prompt_embeds: torch.Tensor,
+                     t: int, up_ft_index: int, vae_eps: torch.Tensor | None,
+                     noise: torch.Tensor | None, scaling_factor: float = 0.18215,
+                     chunk_size: int | None = None, early_exit: bool = True) -> torch.Tensor:
+    """DIFT features of a batch of images, the randomness given explicitly.
+
+    Args:
+        image: (B, 3, H, W) in [-1, 1]; H, W multiples of the model's size factor.
+        prompt_embeds: (1, L, C) (or (B, L, C)) text conditioning.
+        t: diffusion timestep, the raw training index 0..999.
+        up_ft_index: which ``unet.up_blocks`` output to return.
+        vae_eps: (E, 4, h, w) or (B, E, 4, h, w) standard normal draws for the posterior
+            samples, h = H / 8; None: use the posterior mean (no VAE sampling).
+        noise: same shape as ``vae_eps``: the diffusion noise; None: no noising (the clean
+            latent goes into the UNet, as for CleanDIFT).
+        scaling_factor: the VAE latent scale.
+        chunk_size: at most this many members (over all images) per UNet call; None: all.
+        early_exit: stop the UNet after the block (False: run it all, same result).
+
+    Returns:
+        (B, C, h', w') float32, the mean over the E members; not normalised.
+    """
+    device = image.device
+    b = image.shape[0]
+    posterior = vae.encode(image.to(vae.dtype)).latent_dist
+    mean, std = posterior.mean.float(), posterior.std.float()  # (B, 4, h, w)
+    draws = vae_eps if vae_eps is not None else noise
+    members = 1 if draws is None else draws.shape[-4]
+
+    def per_image(x: torch.Tensor | None) -> torch.Tensor | None:
+        if x is None:
+            return None
+        x = x.to(device=device, dtype=torch.float32)
+        return x.expand(b, *x.shape) if x.dim() == 4 else x  # (B, E, 4, h, w)
+
+    vae_eps, noise = per_image(vae_eps), per_image(noise)
+    latents = mean[:, None] if vae_eps is None else mean[:, None] + std[:, None] * vae_eps
+    latents = (latents * scaling_factor).expand(b, members, *mean.shape[1:]).flatten(0, 1)
+    timesteps = torch.full((latents.shape[0],), int(t), dtype=torch.long, device=device)
+    if noise is not None:
+        latents = scheduler.add_noise(latents, noise.flatten(0, 1), timesteps)
+
+    cond = prompt_embeds.to(device=device, dtype=unet.dtype)
+    cond = cond.expand(b, *cond.shape[1:]) if cond.shape[0] == 1 else cond
+    cond = cond.repeat_interleave(members, dim=0)  # (B * E, L, C)
+    channels_last = unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    step = chunk_size or latents.shape[0]
+    outputs = []
+    for start in range(0, latents.shape[0], step):
+        x = latents[start:start + step].to(unet.dtype)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        out = unet_up_block_output(unet, x, timesteps[start:start + step],
+                                   cond[start:start + step], up_ft_index, early_exit)
+        outputs.append(out.float())
+    feats = torch.cat(outputs)
+    return feats.unflatten(0, (b, members)).mean(1)
+
+
+def size_multiple(unet, vae) -> int:
+    """Input sides must be multiples of this: VAE factor x UNet downsampling factor."""
+    vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
+    return vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
+
+
+def input_size(img_size, image_wh: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """Network input (W_in, H_in) for an image of ``image_wh`` (W, H); see the module doc."""
+    w, h = image_wh
+
+    def derived(side: float) -> int:
+        return max(multiple, int(round(side / multiple)) * multiple)
+
+    if isinstance(img_size, (int, float)):
+        scale = float(img_size) / max(w, h)
+        return derived(w * scale), derived(h * scale)
+    if not isinstance(img_size, Sequence) or len(img_size) != 2:
+        raise DiftSfmError(f"img_size must be [W, H], [W, null], [null, H] or an int, "
+                           f"got {img_size}.")
+    tw, th = img_size
+    if tw is None and th is None:
+        raise DiftSfmError("img_size [null, null]: give at least one side.")
+    if tw is None:
+        return derived(w * th / h), int(th)
+    if th is None:
+        return int(tw), derived(h * tw / w)
+    return int(tw), int(th)
+
+
+def image_to_tensor(image: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
+    """(H, W, 3) float32 in [0, 1] -> (1, 3, H_in, W_in) in [-1, 1], whole image resized."""
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    x = x.to(device)
+    if (x.shape[-1], x.shape[-2]) != tuple(size):
+        x = F.interpolate(x, size=(size[1], size[0]), mode="bicubic", align_corners=False,
+                          antialias=True).clamp_(0, 1)
+    return x * 2 - 1
+
+
+class SDFeaturizer(DenseFeaturizer):
+    """DIFT-SD dense featurizer (conf name ``sd``); see ``dift_sfm.confs`` ``dift-sd``."""
+
+    default_conf = {
+        "model": SD_MODEL,           # hub id, diffusers folder, or .safetensors/.ckpt file
+        "revision": None,            # hub revision (of `config` for a single file)
+        "config": None,              # single file only: hub id/folder with the configs
+        "unet_weights": None,        # path | 'owner/repo/file' | {repo, filename, revision}
+        "prompt": "",
+        "prompt_embeds": None,       # safetensors file with a (1, 77, C) embedding
+        "img_size": [768, 768],      # [W, H] | [W, null] | [null, H] | int (longer side)
+        "t": 0,
+        "up_ft_index": 2,
+        "ensemble": 8,
+        "sample_posterior": True,    # False: posterior mean
+        "add_noise": True,           # False: the clean latent enters the UNet
+        "dtype": "auto",             # auto: bf16 on CUDA, fp32 elsewhere
+        "device": "auto",
+        "seed": 0,
+        "chunk_size": 8,             # UNet samples per call (halved on GPU OOM)
+        "channels_last": "auto",     # auto: on CUDA
+        "compile": False,            # torch.compile the UNet blocks (CUDA; slow first call)
+    }
+
+    def __init__(self, conf: dict | None = None):
+        super().__init__(conf)
+        from ..models.sd import load_sd_model
+
+        c = self.conf
+        self.device = resolve_device(c["device"])
+        self.dtype = resolve_dtype(c["dtype"], self.device)
+        # SD's VAE overflows in fp16 (its config says force_upcast); bf16 has the range.
+        vae_dtype = torch.float32 if self.dtype == torch.float16 else self.dtype
+        model = load_sd_model(c["model"], revision=c["revision"], unet_weights=c["unet_weights"],
+                              config=c["config"], prompt=c["prompt"],
+                              prompt_embeds=c["prompt_embeds"], dtype=self.dtype,
+                              vae_dtype=vae_dtype)
+        self.model = model
+        self.unet = model.unet.to(self.device)
+        self.vae = model.vae.to(self.device)
+        self.scheduler = model.scheduler
+        self.prompt_embeds = model.prompt_embeds.to(self.device)
+        channels_last = c["channels_last"]
+        if channels_last == "auto":
+            channels_last = self.device.type == "cuda"
+        if channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+            self.vae.to(memory_format=torch.channels_last)
+        n_up = len(self.unet.up_blocks)
+        if not 0 <= int(c["up_ft_index"]) < n_up:
+            raise DiftSfmError(f"featurizer.up_ft_index must be in 0..{n_up - 1}, "
+                               f"got {c['up_ft_index']}.")
+        steps = self.scheduler.config.num_train_timesteps
+        if not 0 <= int(c["t"]) < steps:
+            raise DiftSfmError(f"featurizer.t must be in 0..{steps - 1}, got {c['t']}.")
+        channels = list(reversed(self.unet.config.block_out_channels))
+        self.descriptor_dim = channels[int(c["up_ft_index"])]
+        self.multiple = size_multiple(self.unet, self.vae)
+        self.random = bool(c["sample_posterior"]) or bool(c["add_noise"])
+        self.ensemble = max(1, int(c["ensemble"])) if self.random else 1
+        if not self.random and int(c["ensemble"]) > 1:
+            logger.info("No posterior sampling and no noise: every ensemble member is the same, "
+                        "computing one.")
+        self.chunk_size = max(1, int(c["chunk_size"] or self.ensemble))
+        if c["compile"]:
+            self._compile()
+        logger.info("DIFT-SD: %s on %s (%s), t=%d, up_blocks[%d] (%d channels), ensemble %d.",
+                    model.name, self.device, str(self.dtype).replace("torch.", ""), c["t"],
+                    c["up_ft_index"], self.descriptor_dim, self.ensemble)
+
+    def _compile(self) -> None:
+        """torch.compile the blocks that run (not the UNet itself: its early exit is a raise)."""
+        idx = int(self.conf["up_ft_index"])
+        blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks[:idx]]
+        for block in blocks:
+            block.compile()
+        for child in self.unet.up_blocks[idx].children():  # the hooked block's own call stays eager
+            for module in (child if isinstance(child, torch.nn.ModuleList) else [child]):
+                module.compile()
+
+    def input_size(self, image_wh: tuple[int, int]) -> tuple[int, int]:
+        """(W_in, H_in) the network sees for an image of (W, H)."""
+        w_in, h_in = input_size(self.conf["img_size"], image_wh, self.multiple)
+        if w_in % self.multiple or h_in % self.multiple or w_in <= 0 or h_in <= 0:
+            raise DiftSfmError(f"featurizer.img_size gives an input of {w_in}x{h_in}; both sides "
+                               f"must be positive multiples of {self.multiple} for this model.")
+        return w_in, h_in
+
+    def draw_randomness(self, latent_hw: tuple[int, int]
+                        ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(vae_eps, noise), each (E, 4, h, w) float32 on CPU, generator seeded with ``seed``.
+
+        A disabled draw (``sample_posterior`` / ``add_noise`` false) is None.
+        """
+        gen = torch.Generator().manual_seed(int(self.conf["seed"]))
+        shape = (self.ensemble, self.unet.config.in_channels, *latent_hw)
+        eps = torch.randn(shape, generator=gen) if self.conf["sample_posterior"] else None
+        noise = torch.randn(shape, generator=gen) if self.conf["add_noise"] else None
+        return eps, noise
+
+    def _features(self, batch: torch.Tensor) -> torch.Tensor:
+        vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
+        latent_hw = (batch.shape[-2] // vae_factor, batch.shape[-1] // vae_factor)
+        eps, noise = self.draw_randomness(latent_hw)
+        while True:
+            try:
+                return sd_dift_features(
+                    self.unet, self.vae, self.scheduler, batch, self.prompt_embeds,
+                    int(self.conf["t"]), int(self.conf["up_ft_index"]), eps, noise,
+                    self.model.scaling_factor, chunk_size=self.chunk_size)
+            except _OOM as err:
+                if self.chunk_size == 1:
+                    raise DiftSfmError(
+                        f"Out of GPU memory even with one UNet sample per call ({err}). Use a "
+                        f"smaller featurizer.img_size, dtype bf16/fp16, or another GPU.") from err
+                self.chunk_size = max(1, self.chunk_size // 2)
+                logger.warning("Out of GPU memory: retrying with chunk_size=%d.", self.chunk_size)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+
+    def dense(self, image: np.ndarray) -> DenseFeatures:
+        """DIFT features of ``image`` (H, W, 3) float32 RGB in [0, 1]: (C, h, w) float32."""
+        return self.dense_batch([image])[0]
+
+    def dense_batch(self, images: Sequence[np.ndarray]) -> list[DenseFeatures]:
+        """``dense`` for several images; those with the same input size share UNet calls.
+
+        Every image gets the same seeded randomness, so a result never depends on its batch.
+        """
+        results: list[DenseFeatures | None] = [None] * len(images)
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, image in enumerate(images):
+            h, w = image.shape[:2]
+            groups.setdefault(self.input_size((w, h)), []).append(i)
+        for size, indices in groups.items():
+            per_call = max(1, self.chunk_size // self.ensemble)
+            for start in range(0, len(indices), per_call):
+                part = indices[start:start + per_call]
+                batch = torch.cat([image_to_tensor(images[i], size, self.device) for i in part])
+                feats = self._features(batch)
+                for i, f in zip(part, feats, strict=True):
+                    h, w = images[i].shape[:2]
+                    results[i] = DenseFeatures(f.cpu(), image_size=(w, h), input_size=size)
+        return results  # type: ignore[return-value]
+
+
+__all__ = ["SDFeaturizer", "image_to_tensor", "input_size", "sd_dift_features", "size_multiple",
+           "unet_up_block_output"]
