@@ -325,6 +325,11 @@ def test_load_single_file_checkpoint(tiny: Path, tmp_path: Path, embeds_file: Pa
     save_file(tensors, str(bad))
     with pytest.raises(ModelLoadError, match="bad.safetensors"):
         load_sd_model(bad, config=tiny, prompt_embeds=embeds_file)
+    # a checkpoint missing a tensor fails too (diffusers loads through accelerate, a dependency)
+    del tensors[key]
+    save_file(tensors, str(tmp_path / "missing.safetensors"))
+    with pytest.raises(ModelLoadError, match="missing.safetensors"):
+        load_sd_model(tmp_path / "missing.safetensors", config=tiny, prompt_embeds=embeds_file)
 
 
 # --------------------------------------------------------------------------- UNet override
