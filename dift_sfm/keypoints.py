@@ -57,10 +57,13 @@ def _top_k(kpts: Keypoints, k: int | None) -> Keypoints:
 
 def detect_dog(image: np.ndarray, max_keypoints: int | None = 4096,
                contrast_threshold: float = 0.04 / 3, edge_threshold: float = 10.0,
-               **_: object) -> Keypoints:
+               multi_orientation: bool = False, **_: object) -> Keypoints:
     """Difference-of-Gaussians extrema (OpenCV's SIFT detector), strongest first.
 
-    OpenCV's keypoint coordinates already put pixel centres at integers.
+    A location with several dominant orientations is kept once, unless ``multi_orientation``
+    (then once per orientation, as COLMAP does: useful for orientation-dependent descriptors
+    like SIFT, pure duplication for DIFT). OpenCV's keypoint coordinates already put pixel
+    centres at integers.
     """
     sift = cv2.SIFT_create(contrastThreshold=contrast_threshold, edgeThreshold=edge_threshold)
     cv_kpts = sift.detect(_to_uint8_gray(image), None)
@@ -71,10 +74,11 @@ def detect_dog(image: np.ndarray, max_keypoints: int | None = 4096,
     scores = np.array([k.response for k in cv_kpts], np.float32)
     sizes = np.array([k.size for k in cv_kpts], np.float32)
     angles = np.array([k.angle for k in cv_kpts], np.float32)
-    # SIFT duplicates a location for each dominant orientation; keep the strongest once.
-    _, first = np.unique(np.round(xy * 8).astype(np.int64), axis=0, return_index=True)
-    first = np.sort(first)
-    kpts = Keypoints(xy[first], scores[first], sizes[first], angles[first])
+    kpts = Keypoints(xy, scores, sizes, angles)
+    if not multi_orientation:  # one entry per location: the first (dominant) orientation
+        _, first = np.unique(np.round(xy * 8).astype(np.int64), axis=0, return_index=True)
+        first = np.sort(first)
+        kpts = Keypoints(xy[first], scores[first], sizes[first], angles[first])
     return _top_k(kpts, max_keypoints)
 
 

@@ -8,6 +8,22 @@ import numpy as np
 from .base import Featurizer
 
 
+def opencv_octaves(sizes: np.ndarray, layers: int = 3, sigma: float = 1.6) -> np.ndarray:
+    """OpenCV's packed ``KeyPoint.octave`` (octave | layer << 8) for keypoint diameters.
+
+    OpenCV computes a SIFT descriptor on the pyramid level named by ``octave``; a keypoint made
+    with octave 0 is described on the sharp full-resolution image whatever its size, which
+    degrades matching badly. OpenCV's detector gives a keypoint of octave o (first octave -1:
+    the doubled image) and layer l the diameter ``sigma * 2 ** (o + 1 + l / layers)``; this
+    inverts that, clamped to the levels OpenCV accepts (o >= -1, 1 <= l <= layers).
+    """
+    n = np.round(layers * np.log2(np.maximum(sizes, 1e-6) / sigma)).astype(np.int64)
+    n = np.maximum(n, 1)
+    octv = (n - 1) // layers  # octave counted from the doubled image
+    layer = n - layers * octv
+    return ((octv - 1) & 255) | (layer << 8)
+
+
 class SIFT(Featurizer):
     """OpenCV SIFT descriptors at given keypoints, RootSIFT-normalised by default.
 
@@ -28,8 +44,10 @@ class SIFT(Featurizer):
         gray = np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)
         size = np.full(n, self.conf["default_size"], np.float32) if sizes is None else sizes
         angle = np.zeros(n, np.float32) if angles is None else angles
-        cv_kpts = [cv2.KeyPoint(float(x), float(y), float(s), float(a), 0.0, 0, i)
-                   for i, ((x, y), s, a) in enumerate(zip(keypoints, size, angle, strict=True))]
+        octaves = opencv_octaves(np.asarray(size, np.float64))
+        cv_kpts = [cv2.KeyPoint(float(x), float(y), float(s), float(a), 0.0, int(o), i)
+                   for i, ((x, y), s, a, o)
+                   in enumerate(zip(keypoints, size, angle, octaves, strict=True))]
         cv_kpts, desc = cv2.SIFT_create().compute(gray, cv_kpts)
         if desc is None:
             return out
