@@ -45,6 +45,7 @@ confs: dict[str, dict[str, Any]] = {
             "seed": 0,
             "prompt_embeds": None,  # safetensors file; None: cached empty-prompt embedding
             "chunk_size": 8,  # UNet samples per call (ensemble members x images)
+            "batch_size": 1,  # images per featurizer call (GPU: e.g. 4, with chunk_size 32)
         },
         "matcher": {"name": "mnn", "metric": "cosine", "ratio_threshold": None, "min_score": None},
     },

@@ -6,6 +6,7 @@ import json
 import logging
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
@@ -70,9 +71,19 @@ def _existing_dim(feature_path: Path, done: set[str]) -> int | None:
         return int(f[in_file[0]]["descriptors"].shape[0])
 
 
-def describe_image(image: np.ndarray, conf: dict, featurizer: Featurizer,
-                   name: str | None = None) -> tuple[Keypoints, np.ndarray]:
-    """Keypoints (original pixels) and (N, D) descriptors of one image (H, W, 3) in [0, 1]."""
+@dataclass
+class PreparedImage:
+    """An image ready to describe: resized copy and keypoints in both frames."""
+
+    name: str
+    image_size: tuple[int, int]  # (W, H) of the original
+    resized: np.ndarray  # (h, w, 3) float32 in [0, 1], what the featurizer sees
+    keypoints: Keypoints  # original pixels
+    keypoints_resized: Keypoints  # pixels of ``resized``
+
+
+def prepare_image(image: np.ndarray, conf: dict, name: str | None = None) -> PreparedImage:
+    """Check the size, apply ``preprocessing.resize_max`` and detect (or import) keypoints."""
     pre = conf.get("preprocessing", {})
     kconf = conf["keypoints"]
     h, w = image.shape[:2]
@@ -89,8 +100,15 @@ def describe_image(image: np.ndarray, conf: dict, featurizer: Featurizer,
     else:
         kpts_r = detect_keypoints(resized, kconf)
         kpts = kpts_r.scaled(scale)
-    desc = featurizer.describe(resized, kpts_r.xy, sizes=kpts_r.sizes, angles=kpts_r.angles)
-    return kpts, desc
+    return PreparedImage(name or "", (w, h), resized, kpts, kpts_r)
+
+
+def describe_image(image: np.ndarray, conf: dict, featurizer: Featurizer,
+                   name: str | None = None) -> tuple[Keypoints, np.ndarray]:
+    """Keypoints (original pixels) and (N, D) descriptors of one image (H, W, 3) in [0, 1]."""
+    item = prepare_image(image, conf, name)
+    desc = featurizer.describe_batch([item.resized], [item.keypoints_resized])[0]
+    return item.keypoints, desc
 
 
 def extract_features(
@@ -112,6 +130,9 @@ def extract_features(
         image_dir: root of the images; names are relative POSIX paths below it.
         image_list: a file of names or a list of names (default: every image in image_dir).
         featurizer: a ready featurizer to reuse (else built from ``conf['featurizer']``).
+
+    ``conf['featurizer']['batch_size']`` images (default 1) are described per featurizer call;
+    on a GPU, batches share the diffusion model's calls (see docs/sd.md).
     """
     image_dir, feature_path = Path(image_dir), Path(feature_path)
     names = resolve_image_list(image_dir, image_list)
@@ -128,26 +149,39 @@ def extract_features(
     failures: dict[str, str] = {}
     as_half = conf.get("preprocessing", {}).get("as_half", False)
     existing_dim = None if fresh or overwrite else _existing_dim(feature_path, done)
+    batch_size = max(1, int(conf["featurizer"].get("batch_size") or 1))
+
+    def flush(batch: list[PreparedImage]) -> None:
+        descs = featurizer.describe_batch([b.resized for b in batch],
+                                          [b.keypoints_resized for b in batch])
+        for item, desc in zip(batch, descs, strict=True):
+            if existing_dim is not None and desc.shape[1] != existing_dim:
+                raise FormatError(
+                    f"Features file {feature_path} holds {existing_dim}-D descriptors but conf "
+                    f"'{conf.get('name')}' gives {desc.shape[1]}-D ones: use another --output "
+                    "or --overwrite.")
+            writer.root_attrs["featurizer_dim"] = desc.shape[1]
+            kpts = item.keypoints
+            writer.write(item.name, feature_datasets(kpts.xy, desc, kpts.scores,
+                                                     item.image_size, as_half))
+        batch.clear()
+
     try:
         if todo:
             featurizer = featurizer or get_featurizer(conf["featurizer"])
+            batch: list[PreparedImage] = []
             for name, future in progress(prefetch(todo, lambda n: read_image(image_dir / n)),
-                                     total=len(todo), desc="extract", unit="img"):
+                                         total=len(todo), desc="extract", unit="img"):
                 try:
-                    image = future.result()
-                    kpts, desc = describe_image(image, conf, featurizer, name)
+                    batch.append(prepare_image(future.result(), conf, name))
                 except ImageReadError as err:
                     failures[name] = str(err)
                     logger.error("%s", err)
                     continue
-                if existing_dim is not None and desc.shape[1] != existing_dim:
-                    raise FormatError(
-                        f"Features file {feature_path} holds {existing_dim}-D descriptors but conf "
-                        f"'{conf.get('name')}' gives {desc.shape[1]}-D ones: use another --output "
-                        "or --overwrite.")
-                writer.root_attrs["featurizer_dim"] = desc.shape[1]
-                writer.write(name, feature_datasets(kpts.xy, desc, kpts.scores,
-                                                    (image.shape[1], image.shape[0]), as_half))
+                if len(batch) >= batch_size:
+                    flush(batch)
+            if batch:
+                flush(batch)
         writer.finalize(drop_existing=fresh)
     except BaseException:
         writer.close()  # finished images stay in shards; the next run picks them up

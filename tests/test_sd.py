@@ -453,3 +453,23 @@ def test_extract_cli_end_to_end(tiny: Path, tmp_path: Path):
             assert tuple(g["image_size"][()]) == (w, h)
             kp = g["keypoints"][()]
             assert kp[:, 0].max() < w and kp[:, 1].max() < h
+
+
+def test_extract_batches_images_with_identical_results(tiny: Path, tmp_path: Path):
+    """featurizer.batch_size > 1 shares UNet calls between images and changes nothing else."""
+    from dift_sfm.cli import main
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(images / f"im{i}.png"), texture(96, 128, seed=10 + i))
+    common = ["--conf", "dift-sd", "--model", str(tiny), "--max-keypoints", "32", "--device",
+              "cpu", "--set", "featurizer.img_size=[128,128]", "--set", "featurizer.ensemble=2"]
+    assert main(["extract", str(images), "-o", str(tmp_path / "one.h5"), *common]) == 0
+    assert main(["extract", str(images), "-o", str(tmp_path / "two.h5"), *common,
+                 "--set", "featurizer.batch_size=2", "--set", "featurizer.chunk_size=4"]) == 0
+    with h5py.File(tmp_path / "one.h5") as a, h5py.File(tmp_path / "two.h5") as b:
+        for name in ("im0.png", "im1.png", "im2.png"):
+            np.testing.assert_array_equal(a[name]["keypoints"][()], b[name]["keypoints"][()])
+            np.testing.assert_allclose(a[name]["descriptors"][()], b[name]["descriptors"][()],
+                                       atol=1e-5)

@@ -6,12 +6,22 @@ pixel centres at integer coordinates (hloc's convention).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
 
 from ..describe import sample_descriptors
+
+
+class KeypointsLike(Protocol):
+    """What describers read of keypoints (see ``dift_sfm.keypoints.Keypoints``)."""
+
+    xy: np.ndarray
+    sizes: np.ndarray | None
+    angles: np.ndarray | None
 
 
 @dataclass
@@ -57,9 +67,19 @@ class Featurizer:
     def describe(self, image: np.ndarray, keypoints: np.ndarray, **kwargs) -> np.ndarray:
         """Descriptors of ``image`` (H, W, 3) float32 RGB in [0, 1] at ``keypoints`` (N, 2).
 
+        ``kwargs`` may carry ``sizes`` and ``angles`` (N,) for classical descriptors.
         Returns (N, D) float32, L2-normalised rows.
         """
         raise NotImplementedError
+
+    def describe_batch(self, images: Sequence[np.ndarray],
+                       keypoints: Sequence[KeypointsLike]) -> list[np.ndarray]:
+        """``describe`` for several images at once (featurizers may batch the network calls).
+
+        ``keypoints[i]`` has ``xy`` (N_i, 2) and optional ``sizes``/``angles``.
+        """
+        return [self.describe(im, k.xy, sizes=k.sizes, angles=k.angles)
+                for im, k in zip(images, keypoints, strict=True)]
 
 
 class DenseFeaturizer(Featurizer):
@@ -69,8 +89,16 @@ class DenseFeaturizer(Featurizer):
         """Dense features of ``image`` (H, W, 3) float32 RGB in [0, 1]."""
         raise NotImplementedError
 
+    def dense_batch(self, images: Sequence[np.ndarray]) -> list[DenseFeatures]:
+        """``dense`` of several images; override to share network calls between them."""
+        return [self.dense(image) for image in images]
+
     def describe(self, image: np.ndarray, keypoints: np.ndarray, **kwargs) -> np.ndarray:
         return self.dense(image).sample(keypoints)
+
+    def describe_batch(self, images: Sequence[np.ndarray],
+                       keypoints: Sequence[KeypointsLike]) -> list[np.ndarray]:
+        return [d.sample(k.xy) for d, k in zip(self.dense_batch(images), keypoints, strict=True)]
 
 
 def resolve_device(name: str | None = "auto") -> torch.device:
