@@ -29,13 +29,13 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pycolmap
-from tqdm import tqdm
 
 from .errors import DiftSfmError, FormatError, ImageReadError, PartialFailure
 from .formats.features import list_names
 from .formats.h5store import open_h5
 from .formats.matches import find_pair, pair_key
 from .pairs import read_pairs
+from .progress import progress
 
 logger = logging.getLogger("dift_sfm")
 
@@ -386,7 +386,7 @@ def _import(con: sqlite3.Connection, database: Path, features: Path, matches: Pa
                            "in %s.", len(old_kpts), len(old_pairs["matches"]), database)
 
     stats = ImportStats()
-    for name in tqdm(names, desc="keypoints", unit="img", disable=len(names) < 50):
+    for name in progress(names, desc="keypoints", unit="img", disable=len(names) < 50):
         kpts = feats[name][0] + 0.5  # hloc (0, 0) -> COLMAP (0.5, 0.5) pixel centre
         con.execute("INSERT INTO keypoints (image_id, rows, cols, data) VALUES (?, ?, ?, ?)",
                     (image_ids[name], kpts.shape[0], 2, np.ascontiguousarray(kpts).tobytes()))

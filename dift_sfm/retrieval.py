@@ -25,11 +25,11 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from tqdm import tqdm
 
 from .errors import DiftSfmError, FormatError
 from .formats.h5store import open_h5
 from .images import read_image
+from .progress import progress
 
 logger = logging.getLogger("dift_sfm")
 
@@ -144,7 +144,7 @@ def global_descriptors(names: list[str], feature_path: Path | str | None = None,
         if image_dir is None:
             raise DiftSfmError("Retrieval method 'tiny' needs the image directory.")
         return np.stack([tiny_image_descriptor(read_image(Path(image_dir) / n))
-                         for n in tqdm(names, desc="retrieval", unit="img",
+                         for n in progress(names, desc="retrieval", unit="img",
                                        disable=len(names) < 50)])
     if feature_path is None:
         raise DiftSfmError(f"Retrieval method '{method}' needs a features file (--features).")
