@@ -33,7 +33,7 @@ import pycolmap
 from .errors import DiftSfmError, FormatError, ImageReadError, PartialFailure
 from .formats.features import list_names
 from .formats.h5store import open_h5
-from .formats.matches import find_pair, pair_key
+from .formats.matches import matches_in
 from .pairs import read_pairs
 from .progress import progress
 
@@ -261,23 +261,17 @@ def _read_pair_matches(match_path: Path, pairs: list[tuple[str, str]],
     out = []
     with open_h5(match_path) as f:
         for name0, name1 in pairs:
-            found = find_pair(f, name0, name1)
-            if found is None:
-                raise FormatError(f"Pair ({name0}, {name1}) is not in matches file {match_path} "
-                                  f"(key '{pair_key(name0, name1)}'): match it first "
-                                  "(`dift-sfm match`).")
-            key, rev = found
-            m0 = np.asarray(f[key]["matches0"][()], np.int64).reshape(-1)
-            a, b = (name1, name0) if rev else (name0, name1)
-            valid = np.flatnonzero(m0 > -1)
-            matches = np.stack([valid, m0[valid]], -1)
-            if len(m0) != num_kpts[a] or (len(valid) and m0[valid].max() >= num_kpts[b]):
+            matches, _, rev, n_stored = matches_in(f, name0, name1, match_path)
+            first = name1 if rev else name0  # the image whose matches0 is stored
+            if n_stored != num_kpts[first] or (len(matches) and (
+                    matches[:, 0].max() >= num_kpts[name0]
+                    or matches[:, 1].max() >= num_kpts[name1])):
                 raise FormatError(
-                    f"Matches of ({a}, {b}) in {match_path} do not fit the features file "
-                    f"({len(m0)} vs {num_kpts[a]} keypoints in '{a}', max index "
-                    f"{m0.max() if len(m0) else -1} vs {num_kpts[b]} in '{b}'): were they "
-                    "computed from other features?")
-            out.append(matches[:, ::-1] if rev else matches)
+                    f"Matches of ({name0}, {name1}) in {match_path} do not fit the features "
+                    f"file ({n_stored} stored vs {num_kpts[first]} keypoints in '{first}', "
+                    f"{num_kpts[name0]} / {num_kpts[name1]} keypoints in '{name0}' / "
+                    f"'{name1}'): were they computed from other features?")
+            out.append(matches)
     return out
 
 

@@ -46,20 +46,33 @@ def match_datasets(matches0: np.ndarray, scores0: np.ndarray) -> dict[str, np.nd
             "matching_scores0": np.asarray(scores0, np.float32).reshape(-1)}
 
 
+def matches_in(f: h5py.File, name0: str, name1: str,
+               path: Path | str = "") -> tuple[np.ndarray, np.ndarray, bool, int]:
+    """Matches of a pair in an open file, any orientation, new or old keys.
+
+    Returns (M, 2) int64 indices into name0's and name1's keypoints, (M,) float32 scores,
+    whether the pair is stored as (name1, name0), and the length of the stored ``matches0``
+    (the keypoint count of the image stored first).
+    """
+    found = find_pair(f, name0, name1)
+    if found is None:
+        raise FormatError(f"Pair ({name0}, {name1}) is not in matches file {path} "
+                          f"(key '{pair_key(name0, name1)}'): match it first (`dift-sfm match`).")
+    key, rev = found
+    m0 = f[key]["matches0"][()].astype(np.int64).reshape(-1)
+    s0 = f[key]["matching_scores0"][()].astype(np.float32).reshape(-1)
+    idx = np.flatnonzero(m0 > -1)
+    matches = np.stack([idx, m0[idx]], -1)
+    if rev:
+        matches = matches[:, ::-1]
+    return np.ascontiguousarray(matches), s0[idx], rev, len(m0)
+
+
 def read_matches(path: Path | str, name0: str, name1: str) -> tuple[np.ndarray, np.ndarray]:
     """Matches of a pair: ((M, 2) int64 indices into name0's and name1's keypoints, (M,) scores).
 
     Works whichever orientation the pair was stored in, with new ('/') or old ('_') keys.
     """
     with open_h5(path) as f:
-        found = find_pair(f, name0, name1)
-        if found is None:
-            raise FormatError(f"Pair ({name0}, {name1}) is not in matches file {path}.")
-        key, rev = found
-        m0 = f[key]["matches0"][()].astype(np.int64)
-        s0 = f[key]["matching_scores0"][()].astype(np.float32)
-    idx = np.where(m0 > -1)[0]
-    matches = np.stack([idx, m0[idx]], -1)
-    if rev:
-        matches = matches[:, ::-1]
-    return np.ascontiguousarray(matches), s0[idx]
+        matches, scores, _, _ = matches_in(f, name0, name1, path)
+    return matches, scores
