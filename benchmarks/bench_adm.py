@@ -9,6 +9,12 @@ downloaded) and, on one device in one run, times
 and checks that both give the same features. Peak memory: CUDA ``max_memory_allocated`` on
 GPU, peak RSS (sampled) on CPU, both above the memory held before the forward (weights etc.).
 
+``ours`` uses the featurizer's defaults: ``--channels-last`` and ``--compile`` are ``auto`` (on
+for CUDA), compiled as ``ADMFeaturizer`` does (with its eager fallback). The legacy row keeps
+PyTorch's defaults (as the public code does): TF32 off for matmuls, cuDNN's default for convs.
+``--arch tiny`` uses a small model (smoke tests); ``--write-model FILE.safetensors`` saves the
+random weights (+ ``FILE.json`` flags) for ``dift-sfm extract --conf dift-adm`` and exits.
+
     python benchmarks/bench_adm.py --device cpu --size 256 --ensemble 1            # CPU
     python benchmarks/bench_adm.py --device cuda --size 768 --ensemble 4 --dtype bf16  # paper
 """
@@ -16,18 +22,28 @@ GPU, peak RSS (sampled) on CPU, both above the memory held before the forward (w
 from __future__ import annotations
 
 import argparse
+import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dift_sfm.featurizers.adm import adm_dift_features
-from dift_sfm.featurizers.base import resolve_device, resolve_dtype
-from dift_sfm.models.adm import (
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dift_sfm.featurizers.adm import adm_dift_features  # noqa: E402
+from dift_sfm.featurizers.base import (  # noqa: E402
+    Compiler,
+    resolve_device,
+    resolve_dtype,
+    resolve_flag,
+)
+from dift_sfm.models.adm import (  # noqa: E402
     ADM_256_UNCOND_FLAGS,
     ADMConfig,
     ADMUNet,
@@ -37,8 +53,14 @@ from dift_sfm.models.adm import (
     alphas_cumprod,
     timestep_embedding,
 )
+from dift_sfm.models.files import setup_compile_cache  # noqa: E402
 
 GiB = 2**30
+# A small model of the same family for smoke tests (inputs: multiples of 8).
+TINY_FLAGS = {**ADM_256_UNCOND_FLAGS, "image_size": 64, "num_channels": 32,
+              "channel_mult": "1,2,2,2", "num_res_blocks": 1, "num_head_channels": 16,
+              "attention_resolutions": "16,8"}
+ARCHS = {"adm256": ADM_256_UNCOND_FLAGS, "tiny": TINY_FLAGS}
 
 
 # --------------------------------------------------------------------------- legacy forward
@@ -110,10 +132,10 @@ def legacy_dift_features(model: ADMUNet, image: torch.Tensor, t: int, output_blo
 
 
 # --------------------------------------------------------------------------- measurement
-def random_model(device: torch.device, seed: int = 0) -> ADMUNet:
+def random_model(device: torch.device, seed: int = 0, arch: str = "adm256") -> ADMUNet:
     """The real 256x256-uncond architecture with random float32 weights (no download)."""
     with torch.device("meta"):
-        model = ADMUNet(ADMConfig.from_flags(ADM_256_UNCOND_FLAGS))
+        model = ADMUNet(ADMConfig.from_flags(ARCHS[arch]))
     model = model.to_empty(device=device).eval().requires_grad_(False)
     gen = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -169,30 +191,55 @@ def measure(fn: Callable[[], torch.Tensor], device: torch.device, repeats: int,
     return out, ms, cpu_s, mem
 
 
+def write_model(path: str | Path, arch: str = "adm256", device: str = "auto") -> Path:
+    """Save random weights (fp16 safetensors) and the flags json beside them (``NAME.json``)."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = random_model(resolve_device(device), arch=arch)
+    save_file({k: v.half().contiguous().cpu() for k, v in model.state_dict().items()}, str(path))
+    path.with_name(path.name.split(".")[0] + ".json").write_text(json.dumps(ARCHS[arch]))
+    return path
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256, help="input side (square), px")
     parser.add_argument("--ensemble", type=int, default=1)
     parser.add_argument("--t", type=int, default=41)
-    parser.add_argument("--block", type=int, default=11, help="output block")
+    parser.add_argument("--block", type=int, default=None,
+                        help="output block (default 11; the last one for --arch tiny)")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto", help="ours: auto (bf16 on CUDA), fp32, bf16")
     parser.add_argument("--chunk", type=int, default=None, help="ours: members per pass")
-    parser.add_argument("--channels-last", action="store_true")
-    parser.add_argument("--compile", action="store_true")
+    parser.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"],
+                        help="ours (auto: on CUDA)")
+    parser.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                        help="ours: torch.compile (auto: on CUDA)")
+    parser.add_argument("--compile-mode", default=None)
+    parser.add_argument("--arch", default="adm256", choices=sorted(ARCHS))
+    parser.add_argument("--write-model", metavar="FILE.safetensors",
+                        help="save random weights (+ flags json) and exit")
     parser.add_argument("--repeats", type=int, default=None, help="default: 1 CPU, 5 CUDA")
     parser.add_argument("--warmup", type=int, default=None, help="default: 0 CPU, 2 CUDA")
     parser.add_argument("--skip-legacy", action="store_true")
     args = parser.parse_args()
+    if args.write_model:
+        print(write_model(args.write_model, args.arch, args.device))
+        return
 
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     repeats = args.repeats or (5 if device.type == "cuda" else 1)
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
-    torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 for the comparison
-    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False  # PyTorch's (and the public code's) default
+    channels_last = resolve_flag(args.channels_last, device)
+    compile_ = resolve_flag(args.compile, device)
 
-    model = random_model(device)
+    model = random_model(device, arch=args.arch)
+    if args.block is None:
+        args.block = min(11, len(model.output_blocks) - 1)
     gen = torch.Generator().manual_seed(0)
     image = (torch.rand((1, 3, args.size, args.size), generator=gen) * 2 - 1).to(device)
     noise = torch.randn((args.ensemble, 3, args.size, args.size), generator=gen).to(device)
@@ -210,18 +257,29 @@ def main() -> None:
         rows.append(("legacy (fp32, einsum attention, all skips, full net)", ms, cpu_s, mem))
 
     model.set_compute_dtype(dtype)
-    if args.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if args.compile:
-        model.features = torch.compile(model.features)
-    ours, ms, cpu_s, mem = measure(
-        lambda: adm_dift_features(model, image, args.t, args.block, noise, args.chunk,
-                                  args.channels_last),
-        device, repeats, warmup)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    compiler = Compiler("the ADM UNet (benchmark)", args.compile_mode)
+    if compile_:
+        setup_compile_cache()
+        compiler.method(model, "features")
+
+    def ours_fn() -> torch.Tensor:
+        return compiler.run(lambda: adm_dift_features(model, image, args.t, args.block, noise,
+                                                      args.chunk, channels_last))
+
+    t0 = time.perf_counter()
+    ours_fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    first_s = time.perf_counter() - t0
+    ours, ms, cpu_s, mem = measure(ours_fn, device, repeats, warmup)
     label = (f"ours ({str(dtype).split('.')[-1]}, SDPA, early exit, dropped skips"
              + (f", chunk {args.chunk}" if args.chunk else "")
-             + (", channels_last" if args.channels_last else "")
-             + (", compile" if args.compile else "") + ")")
+             + (", channels_last" if channels_last else "")
+             + (", compile" if compiler.active else "") + ")")
     rows.append((label, ms, cpu_s, mem))
 
     unit = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS"
@@ -238,6 +296,11 @@ def main() -> None:
         verdict = "same features" if rel < tol else "MISMATCH"
         print(f"ours vs legacy: max abs diff {diff:.2e}, relative L2 {rel:.2e} "
               f"(max |ref| {ref.abs().max().item():.2f}) -> {verdict}")
+    print(f"first call of ours {first_s:.1f} s (compile included)")
+    print(json.dumps({"device": name, "size": args.size, "ensemble": args.ensemble,
+                      "first_call_s": first_s,
+                      "rows": [{"variant": r[0], "ms_per_image": r[1], "cpu_s_per_image": r[2],
+                                "peak_mem_gib": r[3]} for r in rows]}))
 
 
 if __name__ == "__main__":

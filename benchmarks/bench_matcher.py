@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-from dift_sfm.matching import dense_mutual_nearest_neighbours, mutual_nearest_neighbours  # noqa: E402
+from dift_sfm.matchers import mutual_nearest_neighbours  # noqa: E402
 
 
 def _inputs(n: int, d: int) -> tuple[np.ndarray, np.ndarray]:
@@ -42,7 +42,12 @@ def _run(kind: str, n: int, d: int, device: str, queue: mp.Queue) -> None:
     if kind == "dense":
         if device.startswith("cuda"):
             raise SystemExit("dense baseline is CPU-only here")
-        m = dense_mutual_nearest_neighbours(d0, d1)
+        from kornia.feature import match_mnn  # dense (N0, N1) distance matrix
+
+        t0, t1 = (torch.nn.functional.normalize(torch.as_tensor(x), dim=1) for x in (d0, d1))
+        _, idx = match_mnn(t0, t1)
+        m = np.full(len(d0), -1, np.int64)
+        m[idx[:, 0].numpy()] = idx[:, 1].numpy()
     else:
         m, _ = mutual_nearest_neighbours(d0, d1, device=device)
     dt = time.perf_counter() - t0

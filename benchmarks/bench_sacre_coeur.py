@@ -27,9 +27,10 @@ from pathlib import Path
 import pycolmap
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dift_sfm.colmap.mapping import run_mapping, summarize_model  # noqa: E402
 from dift_sfm.confs import get_conf  # noqa: E402
 from dift_sfm.images import list_images  # noqa: E402
-from dift_sfm.reconstruction import run_mapping, run_pipeline, summarize  # noqa: E402
+from dift_sfm.sfm import run_pipeline  # noqa: E402
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sacre_coeur"
 
@@ -58,7 +59,7 @@ def run_pycolmap(images: Path, out: Path) -> dict:
     t2 = time.perf_counter()
     models = run_mapping(database, images, out, options=_mapper_options())
     t3 = time.perf_counter()
-    s = summarize(models[0], database, out, len(models))
+    s = summarize_model(models[0], database, out, len(models))
     return {"wall_s": t3 - t0, "extract_s": t1 - t0, "match_verify_s": t2 - t1,
             "map_s": t3 - t2, **_figures(s)}
 

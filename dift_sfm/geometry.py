@@ -1,24 +1,31 @@
-"""Two-view geometry from matched keypoints: homographies, relative poses and their errors.
+"""Two-view geometry from matched keypoints: homography and relative-pose estimators, point maps.
 
 Conventions: points are (x, y) in image pixels, (M, 2), row i of ``p0`` matched to row i of
 ``p1``. Our keypoints have pixel centres at integer coordinates (hloc); the estimators here
 never shift them, so give intrinsics ``K`` in the same convention as the points (standard
 pinhole K such as ScanNet's already are). A homography ``H`` maps image-0 pixels to image-1
-pixels: ``p1 ~ H @ [p0, 1]``.
+pixels: ``p1 ~ H @ [p0, 1]``. :func:`scale_pixel_coords` is the one place that maps points
+between an image and a resized copy of it.
+
+pycolmap is imported by the estimators that use it, so that modules needing only the pixel
+mapping (images, keypoints) do not load it.
 
 Estimators never raise on bad data: degenerate input (fewer than the minimal number of
 matches, non-finite or collinear points) and estimator failures give a result with
-``success=False`` and a ``reason``.
+``success=False`` and a ``reason``. Errors against ground truth: :mod:`dift_sfm.eval.metrics`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import cv2
 import numpy as np
-import pycolmap
+
+if TYPE_CHECKING:
+    import pycolmap
 
 HOMOGRAPHY_METHODS = ("pycolmap", "ransac", "lmeds", "magsac")
 _CV_METHODS = {"ransac": cv2.RANSAC, "lmeds": cv2.LMEDS, "magsac": cv2.USAC_MAGSAC}
@@ -60,11 +67,25 @@ class PoseResult:
     inliers: np.ndarray
     success: bool
     reason: str = ""
-    E: np.ndarray | None = field(default=None, repr=False)
 
     @property
     def num_inliers(self) -> int:
         return int(self.inliers.sum())
+
+
+def scale_pixel_coords(xy: np.ndarray, scale: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Map points (..., 2) from an image to a copy of it resized by ``scale`` = (sx, sy).
+
+    Convention: pixel centres at integer coordinates, so pixel (0, 0) covers [-0.5, 0.5]^2
+    and an image of width W spans [-0.5, W - 0.5]. A resize by ``s = new / old`` size keeps
+    the image borders in place, so x maps to ``(x + 0.5) * s - 0.5`` (not ``x * s``). The
+    inverse is ``scale_pixel_coords(xy, 1 / s)``. Returns float32 for float32 input (else
+    float64), same shape.
+    """
+    xy = np.asarray(xy)
+    dtype = np.float32 if xy.dtype == np.float32 else np.float64
+    s = np.asarray(scale, dtype)
+    return ((xy.astype(dtype) + 0.5) * s - 0.5).astype(dtype)
 
 
 def _as_points(p: np.ndarray) -> np.ndarray:
@@ -131,6 +152,8 @@ def estimate_homography(
     H, mask = None, None
     try:
         if method == "pycolmap":
+            import pycolmap
+
             options = pycolmap.RANSACOptions(
                 max_error=float(threshold), random_seed=int(seed), confidence=confidence,
                 max_num_trials=int(max_iters))
@@ -161,34 +184,18 @@ def warp_points(H: np.ndarray, points: np.ndarray) -> np.ndarray:
         return homog[:, :2] / homog[:, 2:]
 
 
-def image_corners(size: tuple[int, int]) -> np.ndarray:
-    """The four corner pixel centres of an image of ``size`` (W, H): (4, 2), clockwise from
-    (0, 0) to (W-1, 0), (W-1, H-1), (0, H-1)."""
-    w, h = size
-    return np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], np.float64)
-
-
-def corner_error(H_est: np.ndarray | None, H_gt: np.ndarray, size: tuple[int, int]) -> float:
-    """Mean distance (pixels of image 1) between the four corners of image 0 (``size`` (W, H))
-    warped by the estimated and the true homography. ``inf`` when ``H_est`` is None."""
-    if H_est is None:
-        return float("inf")
-    corners = image_corners(size)
-    err = np.linalg.norm(warp_points(H_est, corners) - warp_points(H_gt, corners), axis=1)
-    value = float(err.mean())
-    return value if np.isfinite(value) else float("inf")
-
-
 def scale_homography(H: np.ndarray, scale0: Sequence[float], scale1: Sequence[float]) -> np.ndarray:
     """Express ``H`` (image 0 -> image 1) between resized images.
 
-    ``scale_i = (sx, sy)`` is new/old size of image i. With pixel centres at integers, a resize
-    maps x to ``(x + 0.5) * s - 0.5``; returns ``T1 @ H @ inv(T0)``.
+    ``scale_i = (sx, sy)`` is new/old size of image i; points map as in
+    :func:`scale_pixel_coords`. Returns ``T1 @ H @ inv(T0)``, normalised to ``H[2, 2] = 1``.
     """
 
     def transform(s: Sequence[float]) -> np.ndarray:
+        # the affine map of scale_pixel_coords: x' = s * x + (s - 1) / 2
         sx, sy = s
-        return np.array([[sx, 0, 0.5 * sx - 0.5], [0, sy, 0.5 * sy - 0.5], [0, 0, 1]], float)
+        offset = scale_pixel_coords(np.zeros(2), (sx, sy))
+        return np.array([[sx, 0, offset[0]], [0, sy, offset[1]], [0, 0, 1]], float)
 
     out = transform(scale1) @ np.asarray(H, float) @ np.linalg.inv(transform(scale0))
     return out / out[2, 2]
@@ -200,6 +207,8 @@ def camera_from_K(K: np.ndarray, size: tuple[int, int] | None = None) -> pycolma
     The points passed with it must use the same pixel convention as ``K``. ``size`` (W, H)
     only fills the camera's width/height fields (default: twice the principal point).
     """
+    import pycolmap
+
     K = np.asarray(K, dtype=np.float64)
     if size is None:
         size = (max(int(round(2 * K[0, 2])), 1), max(int(round(2 * K[1, 2])), 1))
@@ -230,6 +239,8 @@ def estimate_relative_pose(
     reason = _check_points(p0, p1, 5)
     if reason:
         return PoseResult(None, None, no_inliers, False, reason)
+    import pycolmap
+
     options = pycolmap.RANSACOptions(max_error=float(threshold), random_seed=int(seed),
                                      confidence=confidence)
     try:
@@ -245,53 +256,4 @@ def estimate_relative_pose(
     if not (np.isfinite(R).all() and np.isfinite(t).all()) or np.linalg.norm(t) == 0:
         return PoseResult(None, None, no_inliers, False, "non-finite pose")
     inliers = np.asarray(out["inlier_mask"], bool).reshape(-1)
-    return PoseResult(R, t / np.linalg.norm(t), inliers, True, E=np.asarray(out["E"]))
-
-
-def rotation_error(R_est: np.ndarray, R_gt: np.ndarray) -> float:
-    """Angle in degrees of the rotation ``R_est @ R_gt.T``."""
-    cos = (np.trace(np.asarray(R_est) @ np.asarray(R_gt).T) - 1) / 2
-    return float(np.degrees(np.arccos(np.clip(cos, -1.0, 1.0))))
-
-
-def translation_angle_error(t_est: np.ndarray, t_gt: np.ndarray, symmetric: bool = True) -> float:
-    """Angle in degrees between translation directions. With ``symmetric`` (SuperGlue's
-    protocol) the sign of ``t`` is ignored: ``min(e, 180 - e)``."""
-    t_est, t_gt = np.asarray(t_est, float), np.asarray(t_gt, float)
-    n = np.linalg.norm(t_est) * np.linalg.norm(t_gt)
-    if n == 0:
-        return float("inf")
-    err = float(np.degrees(np.arccos(np.clip(t_est @ t_gt / n, -1.0, 1.0))))
-    return min(err, 180.0 - err) if symmetric else err
-
-
-def pose_error(result: PoseResult, R_gt: np.ndarray, t_gt: np.ndarray) -> tuple[float, float]:
-    """(rotation error, translation angle error) in degrees; (inf, inf) for a failed result."""
-    if not result.success:
-        return float("inf"), float("inf")
-    return rotation_error(result.R, R_gt), translation_angle_error(result.t, t_gt)
-
-
-def error_auc(errors: Sequence[float], thresholds: Sequence[float]) -> list[float]:
-    """Area under the recall-vs-error curve up to each threshold, divided by the threshold.
-
-    For a threshold T, the recall curve is the piecewise-linear curve through (0, 0) and
-    (e_(i), i / n) for the sorted errors e_(1) <= ... <= e_(k) <= T, then constant at k / n up
-    to T (the SuperGlue / glue-factory definition). Failures count as infinite errors (they
-    never add recall).
-    Returns one value in [0, 1] per threshold (0 for an empty list).
-    """
-    errors = np.sort(np.asarray(errors, dtype=np.float64).reshape(-1))
-    errors = np.where(np.isnan(errors), np.inf, errors)
-    n = len(errors)
-    aucs = []
-    for thr in thresholds:
-        if n == 0:
-            aucs.append(0.0)
-            continue
-        below = errors[errors <= thr]
-        xs = np.concatenate([[0.0], below, [thr]])
-        ys = np.concatenate([[0.0], np.arange(1, len(below) + 1) / n, [len(below) / n]])
-        area = float(np.sum((xs[1:] - xs[:-1]) * (ys[1:] + ys[:-1]) / 2))
-        aucs.append(area / thr)
-    return aucs
+    return PoseResult(R, t / np.linalg.norm(t), inliers, True)

@@ -6,6 +6,7 @@ by dift-sfm line up with what COLMAP and hloc read from the same file.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import cv2
@@ -19,6 +20,11 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".pnm", ".b
 # Above this many pixels an image is refused rather than exhausting memory (about 2 GiB as
 # float32 RGB). resize_max is applied after reading, so it cannot help here.
 MAX_PIXELS = 180_000_000
+
+#: The ``preprocessing`` conf section at its defaults: ``resize_max`` (longer side, px, or None)
+#: before keypoints and description; ``min_size`` (shorter side, px) below which an image is
+#: refused; ``as_half`` stores descriptors as float16.
+PREPROCESSING_DEFAULTS = {"resize_max": None, "min_size": 16, "as_half": False}
 
 
 def list_images(image_dir: Path | str) -> list[str]:
@@ -73,10 +79,30 @@ def resolve_image_list(image_dir: Path | str,
     if not names:
         raise DiftSfmError(f"No images found in {source} "
                            f"(extensions: {', '.join(sorted(IMAGE_EXTENSIONS))}).")
-    seen: set[str] = set()
-    dups = sorted({n for n in names if n in seen or seen.add(n)})
-    if dups:
-        raise DiftSfmError(f"Duplicate image names in {source}: {', '.join(dups[:5])}.")
+    return check_image_names(names, source)
+
+
+def check_image_names(names: Iterable[str], source: str = "the image list") -> list[str]:
+    """Refuse names that would collide in an hloc matches.h5 or a COLMAP database.
+
+    Collisions are: the same name twice; names equal up to letter case (``a.jpg`` / ``a.JPG``:
+    one file on macOS and Windows); names that differ only by '/' vs '-' (``a/b.jpg`` /
+    ``a-b.jpg``: one hloc pair key). Raises DiftSfmError naming both. Returns ``names``.
+    """
+    names = list(names)
+    for label, norm in (("twice", lambda n: n),
+                        ("differing only in letter case", str.casefold),
+                        ("differing only by '/' vs '-', one hloc matches.h5 key",
+                         lambda n: n.replace("/", "-"))):
+        seen: dict[str, str] = {}
+        for name in names:
+            key = norm(name)
+            if key in seen:
+                other = seen[key]
+                what = f"'{name}'" if other == name else f"'{other}' and '{name}'"
+                raise DiftSfmError(f"Duplicate image names in {source}: {what} ({label}). "
+                                   "Rename one of them.")
+            seen[key] = name
     return names
 
 

@@ -6,6 +6,7 @@ Every detector returns a :class:`Keypoints` in the coordinates of the image it w
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,7 +58,7 @@ def _top_k(kpts: Keypoints, k: int | None) -> Keypoints:
 
 def detect_dog(image: np.ndarray, max_keypoints: int | None = 4096,
                contrast_threshold: float = 0.04 / 3, edge_threshold: float = 10.0,
-               multi_orientation: bool = False, **_: object) -> Keypoints:
+               multi_orientation: bool = False) -> Keypoints:
     """Difference-of-Gaussians extrema (OpenCV's SIFT detector), strongest first.
 
     A location with several dominant orientations is kept once, unless ``multi_orientation``
@@ -84,7 +85,7 @@ def detect_dog(image: np.ndarray, max_keypoints: int | None = 4096,
 
 def detect_gftt(image: np.ndarray, max_keypoints: int | None = 4096, quality_level: float = 0.001,
                 min_distance: float = 4.0, harris: bool = True, block_size: int = 3,
-                size: float = 12.0, **_: object) -> Keypoints:
+                size: float = 12.0) -> Keypoints:
     """Harris (or Shi-Tomasi) corners via OpenCV's goodFeaturesToTrack, strongest first."""
     gray = _to_uint8_gray(image)
     n = max_keypoints if max_keypoints and max_keypoints > 0 else 0
@@ -102,7 +103,7 @@ def detect_gftt(image: np.ndarray, max_keypoints: int | None = 4096, quality_lev
 
 
 def detect_grid(image: np.ndarray, step: int = 16, max_keypoints: int | None = None,
-                size: float = 16.0, **_: object) -> Keypoints:
+                size: float = 16.0) -> Keypoints:
     """A regular grid with spacing ``step``, centred in the image; all scores are 1.
 
     If ``max_keypoints`` is smaller than the grid, the step grows until it fits.
@@ -118,8 +119,8 @@ def detect_grid(image: np.ndarray, step: int = 16, max_keypoints: int | None = N
     return Keypoints(xy, np.ones(len(xy), np.float32), np.full(len(xy), size, np.float32))
 
 
-def import_keypoints(name: str, path: str | Path, max_keypoints: int | None = None,
-                     **_: object) -> Keypoints:
+def import_keypoints(name: str, path: str | Path | None = None,
+                     max_keypoints: int | None = None) -> Keypoints:
     """Keypoints of image ``name`` from an existing hloc features file (e.g. SuperPoint's).
 
     These are in ORIGINAL image pixels already; scores are read when present.
@@ -140,7 +141,22 @@ def import_keypoints(name: str, path: str | Path, max_keypoints: int | None = No
 
 
 DETECTORS = {"dog": detect_dog, "sift": detect_dog, "gftt": detect_gftt, "harris": detect_gftt,
-             "grid": detect_grid}
+             "grid": detect_grid, "import": import_keypoints}
+_FORCED = {"harris": {"harris": True}, "gftt": {"harris": False}}  # names that fix an option
+
+
+def detector_defaults(name: str) -> dict:
+    """The ``keypoints`` conf section of detector ``name`` with every option at its default.
+
+    The defaults are the detector function's keyword defaults: they live in one place.
+    """
+    if name not in DETECTORS:
+        raise DiftSfmError(f"Unknown keypoint detector '{name}'. "
+                           f"Available: {', '.join(DETECTORS)}.")
+    skip = {"image", "name"} | set(_FORCED.get(name, {}))
+    params = inspect.signature(DETECTORS[name]).parameters.values()
+    return {"name": name, **{p.name: p.default for p in params
+                             if p.name not in skip and p.default is not inspect.Parameter.empty}}
 
 
 def detect_keypoints(image: np.ndarray, conf: dict) -> Keypoints:
@@ -149,12 +165,8 @@ def detect_keypoints(image: np.ndarray, conf: dict) -> Keypoints:
     Detector 'import' is not handled here (it needs the image name): see ``import_keypoints``.
     """
     name = conf.get("name", "dog")
-    if name == "harris":
-        conf = {**conf, "harris": True}
-    elif name == "gftt":
-        conf = {"harris": False, **conf}
-    if name not in DETECTORS:
+    if name not in DETECTORS or name == "import":
         raise DiftSfmError(f"Unknown keypoint detector '{name}'. "
-                           f"Available: {', '.join([*DETECTORS, 'import'])}.")
-    options = {k: v for k, v in conf.items() if k != "name"}
+                           f"Available: {', '.join(n for n in DETECTORS if n != 'import')}.")
+    options = {k: v for k, v in conf.items() if k != "name"} | _FORCED.get(name, {})
     return DETECTORS[name](image, **options)

@@ -7,6 +7,9 @@ from pathlib import Path
 
 from .errors import FormatError
 
+#: The pair strategies of ``dift-sfm pairs`` / ``reconstruct`` (``retrieval``: :mod:`.retrieval`).
+PAIR_STRATEGIES = ("exhaustive", "sequential", "retrieval")
+
 
 def read_pairs(path: Path | str, known_names: Iterable[str] | None = None) -> list[tuple[str, str]]:
     """Read a pairs file; blank lines and '#' comments are skipped, duplicates dropped.

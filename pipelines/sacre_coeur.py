@@ -12,8 +12,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from dift_sfm.colmap import CAMERA_MODES
 from dift_sfm.confs import get_conf, parse_value
-from dift_sfm.reconstruction import CAMERA_MODES, run_pipeline
+from dift_sfm.sfm import run_pipeline
 
 DEFAULT_IMAGES = Path(__file__).resolve().parents[2] / "shared" / "data" / "sacre_coeur"
 

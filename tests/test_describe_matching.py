@@ -4,7 +4,19 @@ import torch
 
 from dift_sfm.describe import sample_descriptors
 from dift_sfm.featurizers.base import DenseFeatures
-from dift_sfm.matching import dense_mutual_nearest_neighbours, mutual_nearest_neighbours
+from dift_sfm.matchers import get_matcher, matcher_defaults, mutual_nearest_neighbours
+
+
+def kornia_mnn(d0: np.ndarray, d1: np.ndarray) -> np.ndarray:
+    """Independent oracle: kornia's dense mutual NN on L2-normalised rows, as matches0."""
+    from kornia.feature import match_mnn
+
+    t0 = torch.nn.functional.normalize(torch.as_tensor(d0), dim=1)
+    t1 = torch.nn.functional.normalize(torch.as_tensor(d1), dim=1)
+    _, idx = match_mnn(t0, t1)
+    ref = np.full(len(d0), -1, np.int64)
+    ref[idx[:, 0].numpy()] = idx[:, 1].numpy()
+    return ref
 
 
 @pytest.mark.parametrize("image_size,map_hw", [((640, 480), (60, 80)), ((500, 301), (19, 32)),
@@ -42,7 +54,7 @@ def test_mnn_matches_dense_reference_and_chunking():
     d1 = rng.standard_normal((700, 64)).astype(np.float32)
     perm = rng.permutation(700)[:500]
     d0 = d1[perm] + 0.3 * rng.standard_normal((500, 64)).astype(np.float32)
-    ref = dense_mutual_nearest_neighbours(d0, d1)
+    ref = kornia_mnn(d0, d1)
     for chunk in (7, 128, 100000):
         m0, s0 = mutual_nearest_neighbours(d0, d1, chunk=chunk)
         assert np.array_equal(m0, ref)
@@ -70,3 +82,13 @@ def test_mnn_l2_ratio_threshold_and_edge_cases():
     assert (m_none == -1).all()
     with pytest.raises(ValueError):
         mutual_nearest_neighbours(d0, d1[:, :8])
+
+
+def test_matcher_from_conf_uses_its_defaults_and_settings():
+    assert matcher_defaults("mnn")["metric"] == "cosine"
+    rng = np.random.default_rng(2)
+    d1 = rng.standard_normal((100, 8)).astype(np.float32)
+    d0 = d1 + 0.01 * rng.standard_normal((100, 8)).astype(np.float32)
+    m_conf, _ = get_matcher({"name": "mnn", "metric": "l2", "min_score": 0.02})(d0, d1)
+    m_func, _ = mutual_nearest_neighbours(d0, d1, metric="l2", min_score=0.02)
+    assert np.array_equal(m_conf, m_func) and (m_conf == -1).any()

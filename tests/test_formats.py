@@ -96,6 +96,7 @@ def test_writer_recovers_from_interrupted_shards(tmp_path):
     w._shard.flush()
     # simulate kill -9: the shard stays as *.tmp, never renamed, never merged
     w._shard.close()
+    w._lock.release()  # what the OS does when the process dies
     (w.parts / "000999-1.tmp").write_bytes(b"\x89HDF garbage from a crash")
     w2 = ShardedH5Writer(path, is_complete_features)
     assert w2.pending_keys() == {"b.jpg"}

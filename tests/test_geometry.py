@@ -1,21 +1,26 @@
-"""Homography / relative-pose estimators, their degenerate inputs, and the error metrics."""
+"""Homography / relative-pose estimators, their degenerate inputs, the pixel-centre mapping, and
+the error metrics of dift_sfm.eval.metrics."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from dift_sfm.geometry import (
-    HOMOGRAPHY_METHODS,
+from dift_sfm.eval.metrics import (
     corner_error,
+    epipolar_errors,
     error_auc,
-    estimate_homography,
-    estimate_relative_pose,
     image_corners,
     pose_error,
     rotation_error,
-    scale_homography,
     translation_angle_error,
+)
+from dift_sfm.geometry import (
+    HOMOGRAPHY_METHODS,
+    estimate_homography,
+    estimate_relative_pose,
+    scale_homography,
+    scale_pixel_coords,
     warp_points,
 )
 
@@ -107,6 +112,39 @@ def test_scale_homography_matches_resized_frames():
     p_r = (p + 0.5) * s0 - 0.5
     expected = (warp_points(H_TRUE, p) + 0.5) * s1 - 0.5
     np.testing.assert_allclose(warp_points(Hs, p_r), expected, atol=1e-9)
+
+
+def test_scale_pixel_coords_keeps_borders_and_dtype():
+    xy = np.array([[-0.5, -0.5], [0.0, 0.0], [99.5, 49.5]], np.float32)
+    out = scale_pixel_coords(xy, (0.5, 2.0))
+    # the image borders (-0.5 and W - 0.5) map to the resized image's borders
+    np.testing.assert_allclose(out, [[-0.5, -0.5], [-0.25, 0.5], [49.5, 99.5]])
+    assert out.dtype == np.float32
+    back = scale_pixel_coords(out.astype(np.float64), (2.0, 0.5))
+    assert back.dtype == np.float64
+    np.testing.assert_allclose(back, xy, atol=1e-6)
+
+
+def test_epipolar_errors_by_hand():
+    """kornia's symmetric epipolar distance against the formula, written out here."""
+    R = _rot([0.3, 1.0, -0.2], 9)
+    t = np.array([0.7, -0.2, 0.3])
+    T = np.eye(4)
+    T[:3, :3], T[:3, 3] = R, t
+    K0 = np.array([[520.0, 0, 319.5], [0, 515.0, 239.5], [0, 0, 1]])
+    K1 = np.array([[480.0, 0, 330.0], [0, 482.0, 250.0], [0, 0, 1]])
+    p0, p1 = _two_view(R, t, K0, K1, n=50, noise=2.0, seed=3)
+    x0 = np.c_[p0, np.ones(len(p0))] @ np.linalg.inv(K0).T
+    x1 = np.c_[p1, np.ones(len(p1))] @ np.linalg.inv(K1).T
+    E = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]]) @ R
+    Ex0, Etx1 = x0 @ E.T, x1 @ E
+    expected = np.sum(x1 * Ex0, 1) ** 2 * (1 / (Ex0[:, 0] ** 2 + Ex0[:, 1] ** 2)
+                                           + 1 / (Etx1[:, 0] ** 2 + Etx1[:, 1] ** 2))
+    errors = epipolar_errors(p0, p1, T, K0, K1)
+    np.testing.assert_allclose(errors, expected, rtol=1e-9)
+    exact = _two_view(R, t, K0, K1, n=20, noise=0.0)
+    assert np.all(epipolar_errors(*exact, T, K0, K1) < 1e-16)
+    assert epipolar_errors(np.zeros((0, 2)), np.zeros((0, 2)), T, K0, K1).shape == (0,)
 
 
 def test_error_auc_by_hand():

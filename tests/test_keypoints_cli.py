@@ -51,8 +51,10 @@ def test_unknown_detector_and_conf():
 
 def test_conf_overrides_are_deep_copies():
     conf = get_conf("dift-sd", {"featurizer.t": 41, "keypoints.max_keypoints": 10})
-    assert conf["featurizer"]["t"] == 41 and confs["dift-sd"]["featurizer"]["t"] == 0
-    assert conf["keypoints"]["max_keypoints"] == 10 and confs["sift"]["keypoints"]["max_keypoints"]
+    assert conf["featurizer"]["t"] == 41 and get_conf("dift-sd")["featurizer"]["t"] == 0
+    assert conf["keypoints"]["max_keypoints"] == 10
+    assert get_conf("sift")["keypoints"]["max_keypoints"] == 4096
+    assert "max_keypoints" not in confs["sift"]["keypoints"]  # named confs only override
 
 
 def test_cli_confs_and_help(capsys):

@@ -25,20 +25,20 @@ import pycolmap
 import pytest
 
 from dift_sfm.cli import main as cli_main
-from dift_sfm.confs import get_conf
-from dift_sfm.errors import DiftSfmError, FormatError
-from dift_sfm.formats.features import list_names, read_keypoints
-from dift_sfm.formats.matches import read_matches
-from dift_sfm.pairs import exhaustive_pairs, read_pairs, write_pairs
-from dift_sfm.reconstruction import (
+from dift_sfm.colmap.database import (
     DatabaseError,
     DatabaseLockedError,
     check_image_names,
     create_database,
     import_into_database,
-    run_pipeline,
 )
+from dift_sfm.confs import get_conf
+from dift_sfm.errors import DiftSfmError, FormatError
+from dift_sfm.formats.features import list_names, read_keypoints
+from dift_sfm.formats.matches import read_matches
+from dift_sfm.pairs import exhaustive_pairs, read_pairs, write_pairs
 from dift_sfm.retrieval import pairs_from_descriptors, retrieval_pairs
+from dift_sfm.sfm import run_pipeline
 
 SACRE_COEUR = Path(__file__).resolve().parents[2] / "shared" / "data" / "sacre_coeur"
 W, H, F = 640, 480, 560.0
@@ -224,7 +224,7 @@ def test_duplicate_names_are_refused(tmp_path):
     images.mkdir()
     for name in ("a.jpg", "a.JPG"):
         cv2.imwrite(str(images / name), np.zeros((32, 32, 3), np.uint8))
-    with pytest.raises(DatabaseError, match="a.JPG"):
+    with pytest.raises(DiftSfmError, match="a.JPG"):
         run_pipeline(get_conf("sift"), images, tmp_path / "out")
     assert not (tmp_path / "out" / "feats-sift.h5").exists()  # refused before any work
     listing = tmp_path / "list.txt"

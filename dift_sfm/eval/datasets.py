@@ -34,6 +34,8 @@ HPATCHES_EXCLUDED = (
     "v_artisans", "v_astronautis", "v_talent",
 )
 OXFORD_PHOTOMETRIC = ("leuven", "bikes", "trees", "ubc")
+#: The categories of homography pairs, and "all" (the benchmarks report each).
+CATEGORIES = ("illumination", "viewpoint", "all")
 
 
 class DatasetError(DiftSfmError):

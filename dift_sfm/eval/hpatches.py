@@ -21,53 +21,45 @@ Features and matches are cached as hloc h5 files under the output folder, one pa
 per conf and resolution (the file name carries a hash of the conf), so an interrupted run
 resumes where it stopped. Outputs: ``results.json`` (summary + per-pair), ``results.md``,
 ``mma.png``, ``accuracy.png``, ``matches_*.png``.
+
+This module runs the protocols; the metrics are in :mod:`.metrics`, the cached files
+(resized images, conf tags) in :mod:`.cache`, tables and plots in :mod:`.report`.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
 import json
 import logging
 from pathlib import Path
 from typing import Any
 
-import cv2
-import h5py
 import numpy as np
 
 from ..errors import DiftSfmError
 from ..extract import extract_features
 from ..featurizers import get_featurizer
-from ..formats.features import feature_datasets, read_image_size, read_keypoints, read_scores
-from ..formats.matches import read_matches
-from ..geometry import (
-    HOMOGRAPHY_METHODS,
-    corner_error,
-    error_auc,
-    estimate_homography,
-    scale_homography,
-    warp_points,
-)
+from ..formats.features import FeaturesReader
+from ..formats.matches import MatchesReader
+from ..geometry import HOMOGRAPHY_METHODS, estimate_homography, scale_homography
 from ..match import match_features
 from ..pairs import write_pairs
 from ..progress import progress
-from .datasets import HomographyPair, common_base, find_sequences, homography_pairs
+from .cache import conf_tag, resize_short_side, resized_name, write_scaled_keypoints
+from .datasets import CATEGORIES, HomographyPair, common_base, find_sequences, homography_pairs
+from .metrics import ACC_THRESHOLDS, MMA_THRESHOLDS, corner_error, error_auc, match_precision
+from .report import hpatches_plots, hpatches_table
 
 logger = logging.getLogger("dift_sfm")
 
 PROTOCOLS = ("dift", "gluefactory", "mma")
-CATEGORIES = ("illumination", "viewpoint", "all")
-ACC_THRESHOLDS = (1, 3, 5)
-MMA_THRESHOLDS = tuple(range(1, 11))
 GF_AUTO_THRESHOLDS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 
+#: Protocol settings (the DIFT-protocol estimator defaults per conf: :func:`default_estimator`).
 default_conf: dict[str, Any] = {
-    "subset": "full",
-    "dift": {"max_keypoints": 1000, "estimator": None, "threshold": 3.0},
+    "dift": {"max_keypoints": 1000, "threshold": 3.0},
     "gluefactory": {"short_side": 480, "max_keypoints": 1024, "estimator": "pycolmap",
                     "threshold": 1.0},
-    "seed": 0,
     "num_viz": 4,
 }
 
@@ -75,13 +67,6 @@ default_conf: dict[str, Any] = {
 def default_estimator(conf: dict) -> str:
     """The DIFT-protocol estimator for a conf: LMEDS for DIFT-SD (the paper's), else RANSAC."""
     return "lmeds" if conf["featurizer"]["name"] == "sd" else "ransac"
-
-
-def conf_tag(conf: dict) -> str:
-    """``<conf name>-<8 hex>``: a hash of everything that changes the features or matches."""
-    keys = ("preprocessing", "keypoints", "featurizer", "matcher", "pca")
-    blob = json.dumps({k: conf.get(k) for k in keys}, sort_keys=True, default=str)
-    return f"{conf.get('name', 'conf')}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
 
 
 def protocol_conf(conf: dict, max_keypoints: int | None, keypoints_path: Path | None) -> dict:
@@ -95,55 +80,6 @@ def protocol_conf(conf: dict, max_keypoints: int | None, keypoints_path: Path | 
     elif max_keypoints is not None:
         conf["keypoints"]["max_keypoints"] = max_keypoints
     return conf
-
-
-def resized_name(name: str) -> str:
-    """Name of the resized copy of image ``name`` (PNG, same folders)."""
-    return str(Path(name).with_suffix(".png").as_posix())
-
-
-def resize_short_side(src: Path, dst: Path, short_side: int) -> tuple[float, float]:
-    """Write ``src`` resized so its short side is ``short_side`` px to ``dst`` (PNG, skipped
-    when an up-to-date copy exists). Returns the scale (sx, sy) = new / old size."""
-    image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-        raise DiftSfmError(f"Could not read image {src}.")
-    h, w = image.shape[:2]
-    ratio = short_side / min(h, w)
-    nw, nh = max(1, round(w * ratio)), max(1, round(h * ratio))
-    if dst.exists():
-        old = cv2.imread(str(dst), cv2.IMREAD_UNCHANGED)
-        if old is not None and old.shape[:2] == (nh, nw):
-            return nw / w, nh / h
-    interp = cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (nw, nh), interpolation=interp)
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.stem + ".tmp.png")
-    if not cv2.imwrite(str(tmp), resized):
-        raise DiftSfmError(f"Could not write resized image {tmp}.")
-    tmp.replace(dst)
-    return nw / w, nh / h
-
-
-def write_scaled_keypoints(src: Path, dst: Path, names: dict[str, str],
-                           scales: dict[str, tuple[float, float]]) -> Path:
-    """Copy the keypoints of ``names`` (src name -> dst name) from the hloc features file
-    ``src`` into ``dst``, mapped into resized frames (x' = (x + 0.5) * s - 0.5)."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dst.with_name(dst.name + ".tmp")
-    with h5py.File(tmp, "w") as f:
-        for name, new in names.items():
-            s = np.asarray(scales[name], np.float32)
-            xy = (read_keypoints(src, name) + 0.5) * s - 0.5
-            w, h = read_image_size(src, name)
-            data = feature_datasets(xy, np.zeros((len(xy), 0), np.float32),
-                                    read_scores(src, name),
-                                    (round(w * s[0]), round(h * s[1])))
-            group = f.require_group(new)
-            for key, value in data.items():
-                group.create_dataset(key, data=value)
-    tmp.replace(dst)
-    return dst
 
 
 class LazyFeaturizer:
@@ -174,21 +110,10 @@ def _features_and_matches(conf: dict, image_dir: Path, names: list[str],
     return features, matches
 
 
-def _matched_points(features: Path, matches: Path, name0: str, name1: str):
-    kp0, kp1 = read_keypoints(features, name0), read_keypoints(features, name1)
-    m, _ = read_matches(matches, name0, name1)
+def _matched_points(features: FeaturesReader, matches: MatchesReader, name0: str, name1: str):
+    kp0, kp1 = features.keypoints(name0), features.keypoints(name1)
+    m, _ = matches.matches(name0, name1)
     return kp0, kp1, m, kp0[m[:, 0]].astype(np.float64), kp1[m[:, 1]].astype(np.float64)
-
-
-def match_precision(pts0: np.ndarray, pts1: np.ndarray, H: np.ndarray,
-                    thresholds=MMA_THRESHOLDS) -> list[float]:
-    """Share of matches (pts0[i], pts1[i]) with |H pts0[i] - pts1[i]| <= e, per threshold e
-    (D2-Net's MMA of one pair; 0 for no matches)."""
-    if len(pts0) == 0:
-        return [0.0 for _ in thresholds]
-    dist = np.linalg.norm(warp_points(H, pts0) - pts1, axis=1)
-    dist = np.where(np.isfinite(dist), dist, np.inf)
-    return [float(np.mean(dist <= t)) for t in thresholds]
 
 
 def _finite(x: float) -> float | None:
@@ -204,8 +129,8 @@ def _by_category(records: list[dict], value) -> dict[str, list]:
     return out
 
 
-def _eval_full(pairs: list[HomographyPair], features: Path, matches: Path, protocols, estimator,
-               threshold, seed) -> list[dict]:
+def _eval_full(pairs: list[HomographyPair], features: FeaturesReader, matches: MatchesReader,
+               protocols, estimator, threshold, seed) -> list[dict]:
     records = []
     for p in progress(pairs, desc="hpatches eval (full res)", unit="pair"):
         kp0, kp1, m, pts0, pts1 = _matched_points(features, matches, p.name0, p.name1)
@@ -213,7 +138,7 @@ def _eval_full(pairs: list[HomographyPair], features: Path, matches: Path, proto
                                "num_matches": len(m)}
         if "dift" in protocols:
             res = estimate_homography(pts0, pts1, estimator, threshold, seed)
-            err = corner_error(res.H, p.H, read_image_size(features, p.name0))
+            err = corner_error(res.H, p.H, features.image_size(p.name0))
             rec["dift"] = {"corner_error": _finite(err), "success": res.success,
                            "reason": res.reason, "num_inliers": res.num_inliers,
                            "correct": [bool(err <= t) for t in ACC_THRESHOLDS],
@@ -224,7 +149,8 @@ def _eval_full(pairs: list[HomographyPair], features: Path, matches: Path, proto
     return records
 
 
-def _eval_gluefactory(pairs: list[HomographyPair], features: Path, matches: Path,
+def _eval_gluefactory(pairs: list[HomographyPair], features: FeaturesReader,
+                      matches: MatchesReader,
                       scales: dict[str, tuple[float, float]], estimator: str,
                       thresholds: list[float], seed: int) -> tuple[list[dict], float]:
     """Per-pair records at the best of ``thresholds`` (by mean AUC) and that threshold."""
@@ -233,7 +159,7 @@ def _eval_gluefactory(pairs: list[HomographyPair], features: Path, matches: Path
         n0, n1 = resized_name(p.name0), resized_name(p.name1)
         kp0, kp1, m, pts0, pts1 = _matched_points(features, matches, n0, n1)
         H_gt = scale_homography(p.H, scales[p.name0], scales[p.name1])
-        size0 = read_image_size(features, n0)
+        size0 = features.image_size(n0)
         for t in thresholds:
             res = estimate_homography(pts0, pts1, estimator, t, seed)
             err = corner_error(res.H, H_gt, size0)
@@ -252,7 +178,8 @@ def _eval_gluefactory(pairs: list[HomographyPair], features: Path, matches: Path
     return per_thr[best], best
 
 
-def summarize(records: list[dict], protocols, num_keypoints: dict[str, dict[str, int]]) -> dict:
+def summarize_results(records: list[dict], protocols,
+                      num_keypoints: dict[str, dict[str, int]]) -> dict:
     """Summary metrics per category from per-pair ``records`` (see :func:`run_hpatches`)."""
     counts = {c: len(v) for c, v in _by_category(records, lambda r: 1).items()}
     summary: dict[str, Any] = {"num_pairs": counts}
@@ -371,8 +298,9 @@ def run_hpatches(
         feats, matches = _features_and_matches(fconf, base, names, name_pairs, output, "full",
                                                overwrite, featurizer)
         files.update(features_full=str(feats), matches_full=str(matches))
-        num_keypoints["full"] = {n: len(read_keypoints(feats, n)) for n in names}
-        full = _eval_full(pairs, feats, matches, protocols, estimator, threshold, seed)
+        with FeaturesReader(feats) as f, MatchesReader(matches) as m:
+            num_keypoints["full"] = {n: len(f.keypoints(n)) for n in names}
+            full = _eval_full(pairs, f, m, protocols, estimator, threshold, seed)
         for rec, extra in zip(records, full, strict=True):
             rec.update(extra)
 
@@ -393,16 +321,17 @@ def run_hpatches(
         feats, matches = _features_and_matches(gconf, cache, rnames, rpairs, output,
                                                f"short{gf['short_side']}", overwrite, featurizer)
         files.update(features_short=str(feats), matches_short=str(matches))
-        num_keypoints["short"] = {n: len(read_keypoints(feats, resized_name(n))) for n in names}
-        gf_records, gf_best = _eval_gluefactory(pairs, feats, matches, scales, gf["estimator"],
-                                                gf_thresholds, seed)
+        with FeaturesReader(feats) as f, MatchesReader(matches) as m:
+            num_keypoints["short"] = {n: len(f.keypoints(resized_name(n))) for n in names}
+            gf_records, gf_best = _eval_gluefactory(pairs, f, m, scales, gf["estimator"],
+                                                    gf_thresholds, seed)
         for rec, extra in zip(records, gf_records, strict=True):
             rec["gluefactory"] = extra
 
-    summary = summarize(records, protocols, num_keypoints)
+    summary = summarize_results(records, protocols, num_keypoints)
     summary["per_sequence"] = {
-        seq.name: summarize([r for r in records if r["sequence"] == seq.name], protocols,
-                            num_keypoints)
+        seq.name: summarize_results([r for r in records if r["sequence"] == seq.name], protocols,
+                                    num_keypoints)
         for seq in sequences if any(r["sequence"] == seq.name for r in records)}
     if "dift" in protocols:
         summary["dift"].update(estimator=estimator, threshold_px=(
@@ -418,119 +347,9 @@ def run_hpatches(
         "files": files, "summary": summary, "pairs": records,
     }
     (output / "results.json").write_text(json.dumps(results, indent=1))
-    (output / "results.md").write_text(markdown_table(results))
-    _plots(results, output, base, num_viz, files)
-    logger.info("HPatches results:\n%s", markdown_table(results))
+    table = hpatches_table(results)
+    (output / "results.md").write_text(table)
+    hpatches_plots(results, output, base, num_viz, files)
+    logger.info("HPatches results:\n%s", table)
     logger.info("Wrote %s, results.md and plots.", output / "results.json")
     return results
-
-
-def _pct(values: list[float] | None) -> str:
-    return " / ".join(f"{100 * v:.1f}" for v in values) if values else "-"
-
-
-def markdown_table(results: dict) -> str:
-    """A markdown summary of ``results`` (from :func:`run_hpatches`)."""
-    s = results["summary"]
-    lines = [f"HPatches benchmark, conf `{results['conf']}` ({results['conf_tag']}), "
-             f"sequences: {', '.join(results['sequences'])}", "",
-             "| protocol | metric | illumination | viewpoint | all |", "|---|---|---|---|---|"]
-    n = s["num_pairs"]
-    lines.append(f"| - | pairs | {n['illumination']} | {n['viewpoint']} | {n['all']} |")
-    if "dift" in s:
-        d = s["dift"]
-        est = d["estimator"] + ("" if d["threshold_px"] is None else f" {d['threshold_px']} px")
-        lines.append(f"| dift ({est}) | accuracy % @1/3/5 px | "
-                     + " | ".join(_pct(d["accuracy"][c]) for c in CATEGORIES) + " |")
-    if "gluefactory" in s:
-        g = s["gluefactory"]
-        lines.append(f"| gluefactory (short side {g['short_side']}, {g['estimator']} "
-                     f"{g['threshold_px']} px) | AUC % @1/3/5 px | "
-                     + " | ".join(_pct(g["auc"][c]) for c in CATEGORIES) + " |")
-        lines.append("| gluefactory | matches / keypoints | " + " | ".join(
-            _counts(g, c) for c in CATEGORIES) + " |")
-    if "mma" in s:
-        m = s["mma"]
-        lines.append("| mma | MMA % @1/3/5/10 px | " + " | ".join(
-            _pct([m["mma"][c][i] for i in (0, 2, 4, 9)]) if m["mma"][c] else "-"
-            for c in CATEGORIES) + " |")
-        lines.append("| mma | matches / keypoints | " + " | ".join(
-            _counts(m, c) for c in CATEGORIES) + " |")
-    per_seq = s.get("per_sequence", {})
-    if per_seq:
-        lines += ["", "| sequence | pairs | dift accuracy % @1/3/5 | gluefactory AUC % @1/3/5 "
-                  "| MMA % @1/3/5/10 |", "|---|---|---|---|---|"]
-        for name, q in per_seq.items():
-            acc = _pct(q["dift"]["accuracy"]["all"]) if "dift" in q else "-"
-            auc = _pct(q["gluefactory"]["auc"]["all"]) if "gluefactory" in q else "-"
-            mma = (_pct([q["mma"]["mma"]["all"][i] for i in (0, 2, 4, 9)]) if "mma" in q
-                   else "-")
-            lines.append(f"| {name} | {q['num_pairs']['all']} | {acc} | {auc} | {mma} |")
-    return "\n".join(lines) + "\n"
-
-
-def _counts(section: dict, c: str) -> str:
-    m, k = section["mean_num_matches"][c], section["mean_num_keypoints"][c]
-    return "-" if m is None or k is None else f"{m:.0f} / {k:.0f}"
-
-
-def _plots(results: dict, output: Path, base: Path, num_viz: int, files: dict) -> None:
-    from matplotlib.figure import Figure
-
-    s = results["summary"]
-    colours = {"illumination": "tab:orange", "viewpoint": "tab:blue", "all": "k"}
-    if "mma" in s:
-        fig = Figure(figsize=(5, 4))
-        ax = fig.add_subplot()
-        for c in CATEGORIES:
-            if s["mma"]["mma"][c]:
-                ax.plot(MMA_THRESHOLDS, s["mma"]["mma"][c], "-o", ms=3, c=colours[c], label=c)
-        ax.set(xlabel="threshold [px]", ylabel="MMA", ylim=(0, 1), xlim=(1, 10),
-               title=f"MMA, {results['conf']}")
-        ax.grid(alpha=0.3)
-        ax.legend()
-        fig.tight_layout()
-        fig.savefig(output / "mma.png", dpi=100)
-    bars = [(k, s[k]["accuracy" if k == "dift" else "auc"]) for k in ("dift", "gluefactory")
-            if k in s]
-    if bars:
-        fig = Figure(figsize=(5 * len(bars), 4))
-        for i, (key, values) in enumerate(bars):
-            ax = fig.add_subplot(1, len(bars), i + 1)
-            x = np.arange(len(ACC_THRESHOLDS))
-            for j, c in enumerate(CATEGORIES):
-                if values[c]:
-                    ax.bar(x + (j - 1) * 0.27, values[c], 0.27, color=colours[c], label=c)
-            ax.set_xticks(x, [f"{t} px" for t in ACC_THRESHOLDS])
-            ax.set(ylim=(0, 1), title=f"{key}: {'accuracy' if key == 'dift' else 'AUC'}")
-            ax.legend()
-        fig.tight_layout()
-        fig.savefig(output / "accuracy.png", dpi=100)
-    if num_viz and "features_full" in files:
-        pairs = results["pairs"]
-        pick = np.unique(np.linspace(0, len(pairs) - 1, min(num_viz, len(pairs))).astype(int))
-        for i in pick:
-            _plot_pair(pairs[i], base, Path(files["features_full"]), Path(files["matches_full"]),
-                       output / f"matches_{pairs[i]['sequence']}_1_{pairs[i]['k']}.png")
-
-
-def _plot_pair(rec: dict, base: Path, features: Path, matches: Path, path: Path) -> None:
-    from ..images import read_image
-    from ..viz import plot_matches
-
-    kp0, kp1 = read_keypoints(features, rec["name0"]), read_keypoints(features, rec["name1"])
-    m, _ = read_matches(matches, rec["name0"], rec["name1"])
-    im0, im1 = read_image(base / rec["name0"]), read_image(base / rec["name1"])
-    # "inliers" here: matches within 3 px of the true H (green), the others red.
-    ok = match_precision_mask(kp0[m[:, 0]], kp1[m[:, 1]], np.asarray(rec["H_gt"]))
-    title = f"{rec['sequence']} 1-{rec['k']}, green: within 3 px of the true H;"
-    plot_matches(im0, im1, kp0, kp1, m, path, inliers=ok, title=title)
-
-
-def match_precision_mask(pts0: np.ndarray, pts1: np.ndarray, H: np.ndarray,
-                         threshold: float = 3.0) -> np.ndarray:
-    """(M,) bool: matches whose image-0 point warped by ``H`` is within ``threshold`` px."""
-    if len(pts0) == 0:
-        return np.zeros(0, bool)
-    dist = np.linalg.norm(warp_points(H, pts0) - np.asarray(pts1, float), axis=1)
-    return np.isfinite(dist) & (dist <= threshold)

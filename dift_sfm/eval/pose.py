@@ -20,35 +20,21 @@ from typing import Any
 import numpy as np
 
 from ..extract import extract_features
-from ..formats.features import read_keypoints
-from ..formats.matches import read_matches
-from ..geometry import error_auc, estimate_relative_pose, pose_error
+from ..formats.features import FeaturesReader
+from ..formats.matches import MatchesReader
+from ..geometry import estimate_relative_pose
 from ..match import match_features
 from ..pairs import write_pairs
 from ..progress import progress
+from .cache import conf_tag
 from .datasets import read_pose_pairs
-from .hpatches import conf_tag
+from .metrics import epipolar_errors, error_auc, pose_error
+from .report import pose_table
 
 logger = logging.getLogger("dift_sfm")
 
 AUC_THRESHOLDS = (5, 10, 20)
 EPIPOLAR_THRESHOLD = 5e-4
-
-
-def epipolar_errors(pts0: np.ndarray, pts1: np.ndarray, T_0to1: np.ndarray, K0: np.ndarray,
-                    K1: np.ndarray) -> np.ndarray:
-    """Symmetric squared epipolar distance (normalised image coordinates) of matches (M, 2)
-    under the true pose: ``(x1' E x0)^2 (1 / |(E x0)_12|^2 + 1 / |(E' x1)_12|^2)``."""
-    if len(pts0) == 0:
-        return np.zeros(0)
-    R, t = T_0to1[:3, :3], T_0to1[:3, 3]
-    tx = np.array([[0, -t[2], t[1]], [t[2], 0, -t[0]], [-t[1], t[0], 0]])
-    E = tx @ R
-    x0 = np.c_[pts0, np.ones(len(pts0))] @ np.linalg.inv(K0).T
-    x1 = np.c_[pts1, np.ones(len(pts1))] @ np.linalg.inv(K1).T
-    Ex0, Etx1 = x0 @ E.T, x1 @ E
-    num = np.sum(x1 * Ex0, 1) ** 2
-    return num * (1 / (Ex0[:, 0] ** 2 + Ex0[:, 1] ** 2) + 1 / (Etx1[:, 0] ** 2 + Etx1[:, 1] ** 2))
 
 
 def run_pose_benchmark(
@@ -77,21 +63,22 @@ def run_pose_benchmark(
     match_features(conf, pairs_txt, features, matches, overwrite=overwrite)
 
     records: list[dict[str, Any]] = []
-    for p in progress(pairs, desc="pose eval", unit="pair"):
-        kp0, kp1 = read_keypoints(features, p.name0), read_keypoints(features, p.name1)
-        m, _ = read_matches(matches, p.name0, p.name1)
-        pts0, pts1 = kp0[m[:, 0]].astype(np.float64), kp1[m[:, 1]].astype(np.float64)
-        res = estimate_relative_pose(pts0, pts1, p.K0, p.K1, threshold, seed)
-        err_R, err_t = pose_error(res, p.R, p.t)
-        epi = epipolar_errors(pts0, pts1, p.T_0to1, p.K0, p.K1)
-        records.append({
-            "name0": p.name0, "name1": p.name1, "rot0": p.rot0, "rot1": p.rot1,
-            "num_keypoints0": len(kp0), "num_keypoints1": len(kp1), "num_matches": len(m),
-            "precision": float(np.mean(epi < EPIPOLAR_THRESHOLD)) if len(m) else 0.0,
-            "success": res.success, "reason": res.reason, "num_inliers": res.num_inliers,
-            "error_R": err_R if np.isfinite(err_R) else None,
-            "error_t": err_t if np.isfinite(err_t) else None,
-        })
+    with FeaturesReader(features) as feats, MatchesReader(matches) as pair_matches:
+        for p in progress(pairs, desc="pose eval", unit="pair"):
+            kp0, kp1 = feats.keypoints(p.name0), feats.keypoints(p.name1)
+            m, _ = pair_matches.matches(p.name0, p.name1)
+            pts0, pts1 = kp0[m[:, 0]].astype(np.float64), kp1[m[:, 1]].astype(np.float64)
+            res = estimate_relative_pose(pts0, pts1, p.K0, p.K1, threshold, seed)
+            err_R, err_t = pose_error(res, p.R, p.t)
+            epi = epipolar_errors(pts0, pts1, p.T_0to1, p.K0, p.K1)
+            records.append({
+                "name0": p.name0, "name1": p.name1, "rot0": p.rot0, "rot1": p.rot1,
+                "num_keypoints0": len(kp0), "num_keypoints1": len(kp1), "num_matches": len(m),
+                "precision": float(np.mean(epi < EPIPOLAR_THRESHOLD)) if len(m) else 0.0,
+                "success": res.success, "reason": res.reason, "num_inliers": res.num_inliers,
+                "error_R": err_R if np.isfinite(err_R) else None,
+                "error_t": err_t if np.isfinite(err_t) else None,
+            })
     errors = [max(r["error_R"], r["error_t"]) if r["success"] else np.inf for r in records]
     summary = {
         "num_pairs": len(records),
@@ -109,16 +96,7 @@ def run_pose_benchmark(
                                                       "matches": str(matches)},
                "summary": summary, "pairs": records}
     (output / "results.json").write_text(json.dumps(results, indent=1))
-    table = markdown_table(results)
+    table = pose_table(results)
     (output / "results.md").write_text(table)
     logger.info("Relative pose results:\n%s", table)
     return results
-
-
-def markdown_table(results: dict) -> str:
-    s = results["summary"]
-    auc = " / ".join(f"{100 * a:.1f}" for a in s["auc"])
-    return ("| conf | pairs | AUC % @5/10/20 deg | precision % | matches | keypoints |\n"
-            "|---|---|---|---|---|---|\n"
-            f"| {results['conf']} | {s['num_pairs']} | {auc} | {100 * s['precision']:.1f} | "
-            f"{s['mean_num_matches']:.0f} | {s['mean_num_keypoints']:.0f} |\n")

@@ -6,14 +6,23 @@ pixel centres at integer coordinates (hloc's convention).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
+from .. import logger
 from ..describe import sample_descriptors
+from ..errors import DiftSfmError
+
+T = TypeVar("T")
+#: CUDA (and other accelerators') out-of-memory error
+OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError",
+                                            torch.cuda.OutOfMemoryError)
 
 
 class KeypointsLike(Protocol):
@@ -55,14 +64,24 @@ class Featurizer:
     """Describes keypoints of one image.
 
     Subclasses set ``descriptor_dim`` and implement ``describe``. ``conf`` is the featurizer
-    section of a named conf (see ``dift_sfm.confs``).
+    section of a named conf (see ``dift_sfm.confs``): it overrides ``default_conf``, the one
+    place of a featurizer's defaults, which lists every key it accepts.
+    ``batch_size`` is the number of images the extraction loop passes per ``describe_batch``.
     """
 
     descriptor_dim: int = 0
-    default_conf: dict = {}
+    default_conf: dict[str, Any] = {"name": None, "batch_size": 1}
 
     def __init__(self, conf: dict | None = None):
-        self.conf = {**self.default_conf, **(conf or {})}
+        conf = dict(conf or {})
+        unknown = sorted(set(conf) - set(self.default_conf))
+        if unknown:
+            raise DiftSfmError(
+                f"Unknown featurizer key(s) {', '.join(unknown)} for featurizer "
+                f"'{self.default_conf.get('name')}'. Valid keys: "
+                f"{', '.join(sorted(self.default_conf))}.")
+        self.conf = {**copy.deepcopy(self.default_conf), **conf}
+        self.batch_size = max(1, int(self.conf.get("batch_size") or 1))
 
     def describe(self, image: np.ndarray, keypoints: np.ndarray, **kwargs) -> np.ndarray:
         """Descriptors of ``image`` (H, W, 3) float32 RGB in [0, 1] at ``keypoints`` (N, 2).
@@ -124,3 +143,158 @@ def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     if name not in table:
         raise ValueError(f"Unknown dtype '{name}', expected one of {sorted(table)} or 'auto'.")
     return table[name]
+
+
+def resolve_flag(value: bool | str | None, device: torch.device) -> bool:
+    """A speed-up switch: 'auto' (or None) -> on for CUDA only; else the boolean value."""
+    if value in (None, "auto"):
+        return device.type == "cuda"
+    if isinstance(value, str):
+        if value.lower() in ("true", "on", "1", "yes"):
+            return True
+        if value.lower() in ("false", "off", "0", "no"):
+            return False
+        raise DiftSfmError(f"Expected true, false or 'auto', got '{value}'.")
+    return bool(value)
+
+
+def cuda_speedups(device: torch.device) -> None:
+    """Global cuDNN setting for fixed input shapes on CUDA: autotune convolution algorithms."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def input_size(img_size: Any, image_wh: tuple[int, int], multiple: int) -> tuple[int, int]:
+    """Network input (W_in, H_in) for an image of ``image_wh`` (W, H), from ``img_size``.
+
+    ``img_size`` (every dense featurizer reads it the same way):
+    - ``[W, H]``: exactly this (each a positive multiple of ``multiple``, else DiftSfmError);
+    - ``[W, null]`` / ``[null, H]``: the other side from the image's aspect ratio;
+    - an int S: the longer side is S, the shorter follows the aspect ratio;
+    - ``null``: the image's own size.
+    Derived sides are rounded to the nearest multiple of ``multiple`` (at least ``multiple``).
+    """
+    w, h = image_wh
+
+    def derived(side: float) -> int:
+        return max(multiple, int(round(side / multiple)) * multiple)
+
+    if img_size is None:
+        size = derived(w), derived(h)
+    elif isinstance(img_size, (int, float)) and not isinstance(img_size, bool):
+        scale = float(img_size) / max(w, h)
+        size = derived(w * scale), derived(h * scale)
+    elif isinstance(img_size, Sequence) and not isinstance(img_size, str) and len(img_size) == 2:
+        tw, th = img_size
+        if tw is None and th is None:
+            raise DiftSfmError("featurizer.img_size [null, null]: give at least one side.")
+        if tw is None:
+            size = derived(w * th / h), int(th)
+        elif th is None:
+            size = int(tw), derived(h * tw / w)
+        else:
+            size = int(tw), int(th)
+    else:
+        raise DiftSfmError(f"featurizer.img_size must be [W, H], [W, null], [null, H], an int "
+                           f"or null, got {img_size}.")
+    if min(size) <= 0 or size[0] % multiple or size[1] % multiple:
+        raise DiftSfmError(f"featurizer.img_size gives an input of {size[0]}x{size[1]}; both "
+                           f"sides must be positive multiples of {multiple} for this model.")
+    return size
+
+
+def image_to_tensor(image: np.ndarray, size: tuple[int, int],
+                    device: torch.device | str) -> torch.Tensor:
+    """(H, W, 3) float32 in [0, 1] -> (1, 3, H_in, W_in) float32 in [-1, 1] on ``device``.
+
+    ``size`` is (W_in, H_in); the whole image is resized (bicubic, antialiased, clamped to
+    [0, 1]), never cropped or padded. The resize runs on ``device``.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
+    x = x.to(device)
+    if (x.shape[-1], x.shape[-2]) != tuple(size):
+        x = F.interpolate(x, size=(size[1], size[0]), mode="bicubic", align_corners=False,
+                          antialias=True).clamp_(0, 1)
+    return x * 2 - 1
+
+
+def seeded_normal(seed: int, shapes: Sequence[tuple[int, ...] | None]
+                  ) -> list[torch.Tensor | None]:
+    """Standard normal float32 tensors on the CPU, drawn in order from one generator seeded
+    with ``seed``; a None shape gives None and draws nothing. The same seed gives the same
+    tensors on any device, in any batch or order of images."""
+    gen = torch.Generator().manual_seed(int(seed))
+    return [None if s is None else torch.randn(s, generator=gen) for s in shapes]
+
+
+def halve_on_oom(run: Callable[[int], T], chunk: int, device: torch.device | None = None
+                 ) -> tuple[T, int]:
+    """``run(chunk)``; on out-of-memory halve ``chunk`` and retry, until 1 fails too.
+
+    Returns (result, the chunk that fitted): callers keep it for the next calls.
+    """
+    chunk = max(1, int(chunk))
+    while True:
+        try:
+            return run(chunk), chunk
+        except OutOfMemoryError:
+            if chunk == 1:
+                raise
+        # Outside the except block, so the failed call's tensors are freed before the retry.
+        chunk = max(1, chunk // 2)
+        logger.warning("Out of GPU memory: retrying with chunk_size=%d.", chunk)
+        if (device is None or device.type == "cuda") and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+class Compiler:
+    """``torch.compile`` modules or methods in place, with a way back to eager mode.
+
+    ``run(fn)`` calls ``fn()``; if it fails while something is compiled (a compiler or backend
+    error, e.g. no C++ compiler or triton), the compiled parts are restored to eager with a
+    logged warning and ``fn()`` is run again. Out-of-memory and DiftSfmError pass through.
+    """
+
+    def __init__(self, what: str, mode: str | None = None):
+        self.what, self.mode = what, mode
+        self._undo: list[Callable[[], None]] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self._undo)
+
+    def _options(self) -> dict[str, Any]:
+        return {"dynamic": False, **({"mode": self.mode} if self.mode else {})}
+
+    def module(self, module: torch.nn.Module) -> None:
+        """Compile ``module``'s calls (its hooks stay outside the compiled graph's caller)."""
+        module.compile(**self._options())
+
+        def undo() -> None:
+            module._compiled_call_impl = None
+
+        self._undo.append(undo)
+
+    def method(self, obj: Any, name: str) -> None:
+        """Replace the bound method ``obj.name`` by its compiled version."""
+        setattr(obj, name, torch.compile(getattr(obj, name), **self._options()))
+        self._undo.append(lambda: delattr(obj, name))
+
+    def to_eager(self) -> None:
+        """Restore every compiled module and method."""
+        while self._undo:
+            self._undo.pop()()
+
+    def run(self, fn: Callable[[], T]) -> T:
+        if not self._undo:
+            return fn()
+        try:
+            return fn()
+        except (OutOfMemoryError, DiftSfmError):
+            raise
+        except Exception as err:
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
+            logger.warning("torch.compile of %s failed (%s: %s); running it eagerly instead.",
+                           self.what, type(err).__name__, reason)
+            self.to_eager()
+            return fn()

@@ -30,14 +30,24 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from .. import logger
-from ..confs import SD_MODEL
 from ..errors import DiftSfmError
-from .base import DenseFeatures, DenseFeaturizer, resolve_device, resolve_dtype
-
-_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+from ..models.files import setup_compile_cache
+from ..models.sd import SD_MODEL
+from .base import (
+    Compiler,
+    DenseFeatures,
+    DenseFeaturizer,
+    cuda_speedups,
+    halve_on_oom,
+    image_to_tensor,
+    input_size,
+    resolve_device,
+    resolve_dtype,
+    resolve_flag,
+    seeded_normal,
+)
 
 
 class _EarlyExit(Exception):
@@ -144,50 +154,33 @@ def size_multiple(unet, vae) -> int:
     return vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
 
 
-def input_size(img_size, image_wh: tuple[int, int], multiple: int) -> tuple[int, int]:
-    """Network input (W_in, H_in) for an image of ``image_wh`` (W, H); see the module doc."""
-    w, h = image_wh
+def compile_sd(unet, vae, up_ft_index: int, compiler: Compiler) -> None:
+    """torch.compile what runs: the VAE encoder and the UNet blocks up to ``up_blocks[i]``.
 
-    def derived(side: float) -> int:
-        return max(multiple, int(round(side / multiple)) * multiple)
-
-    if isinstance(img_size, (int, float)):
-        scale = float(img_size) / max(w, h)
-        return derived(w * scale), derived(h * scale)
-    if not isinstance(img_size, Sequence) or len(img_size) != 2:
-        raise DiftSfmError(f"img_size must be [W, H], [W, null], [null, H] or an int, "
-                           f"got {img_size}.")
-    tw, th = img_size
-    if tw is None and th is None:
-        raise DiftSfmError("img_size [null, null]: give at least one side.")
-    if tw is None:
-        return derived(w * th / h), int(th)
-    if th is None:
-        return int(tw), derived(h * tw / w)
-    return int(tw), int(th)
-
-
-def image_to_tensor(image: np.ndarray, size: tuple[int, int], device: torch.device) -> torch.Tensor:
-    """(H, W, 3) float32 in [0, 1] -> (1, 3, H_in, W_in) in [-1, 1], whole image resized."""
-    x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)).permute(2, 0, 1)[None]
-    x = x.to(device)
-    if (x.shape[-1], x.shape[-2]) != tuple(size):
-        x = F.interpolate(x, size=(size[1], size[0]), mode="bicubic", align_corners=False,
-                          antialias=True).clamp_(0, 1)
-    return x * 2 - 1
+    Blocks are compiled one by one, not the UNet: its early exit is an exception raised by a
+    hook on ``up_blocks[i]``, so that block's own call stays eager and its children compile.
+    """
+    compiler.module(vae.encoder)
+    for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks[:up_ft_index]]:
+        compiler.module(block)
+    for child in unet.up_blocks[up_ft_index].children():
+        for module in (child if isinstance(child, torch.nn.ModuleList) else [child]):
+            compiler.module(module)
 
 
 class SDFeaturizer(DenseFeaturizer):
-    """DIFT-SD dense featurizer (conf name ``sd``); see ``dift_sfm.confs`` ``dift-sd``."""
+    """DIFT-SD dense featurizer (name ``sd``, confs ``dift-sd``...); keys in ``default_conf``."""
 
     default_conf = {
+        "name": "sd",
+        "batch_size": 1,             # images per describe_batch call of the extraction loop
         "model": SD_MODEL,           # hub id, diffusers folder, or .safetensors/.ckpt file
         "revision": None,            # hub revision (of `config` for a single file)
         "config": None,              # single file only: hub id/folder with the configs
         "unet_weights": None,        # path | 'owner/repo/file' | {repo, filename, revision}
         "prompt": "",
         "prompt_embeds": None,       # safetensors file with a (1, 77, C) embedding
-        "img_size": [768, 768],      # [W, H] | [W, null] | [null, H] | int (longer side)
+        "img_size": [768, 768],      # [W, H] | [W, null] | [null, H] | int (longer side) | null
         "t": 0,
         "up_ft_index": 2,
         "ensemble": 8,
@@ -196,9 +189,10 @@ class SDFeaturizer(DenseFeaturizer):
         "dtype": "auto",             # auto: bf16 on CUDA, fp32 elsewhere
         "device": "auto",
         "seed": 0,
-        "chunk_size": 8,             # UNet samples per call (halved on GPU OOM)
+        "chunk_size": None,          # UNet samples per call; None: ensemble x batch (OOM halves)
         "channels_last": "auto",     # auto: on CUDA
-        "compile": False,            # torch.compile the UNet blocks (CUDA; slow first call)
+        "compile": "auto",           # torch.compile; auto: on CUDA (eager fallback on failure)
+        "compile_mode": None,        # torch.compile mode, e.g. "max-autotune"
     }
 
     def __init__(self, conf: dict | None = None):
@@ -213,16 +207,14 @@ class SDFeaturizer(DenseFeaturizer):
         model = load_sd_model(c["model"], revision=c["revision"], unet_weights=c["unet_weights"],
                               config=c["config"], prompt=c["prompt"],
                               prompt_embeds=c["prompt_embeds"], dtype=self.dtype,
-                              vae_dtype=vae_dtype)
+                              vae_dtype=vae_dtype, device=self.device)
         self.model = model
         self.unet = model.unet.to(self.device)
         self.vae = model.vae.to(self.device)
         self.scheduler = model.scheduler
         self.prompt_embeds = model.prompt_embeds.to(self.device)
-        channels_last = c["channels_last"]
-        if channels_last == "auto":
-            channels_last = self.device.type == "cuda"
-        if channels_last:
+        self.channels_last = resolve_flag(c["channels_last"], self.device)
+        if self.channels_last:
             self.unet.to(memory_format=torch.channels_last)
             self.vae.to(memory_format=torch.channels_last)
         n_up = len(self.unet.up_blocks)
@@ -240,30 +232,21 @@ class SDFeaturizer(DenseFeaturizer):
         if not self.random and int(c["ensemble"]) > 1:
             logger.info("No posterior sampling and no noise: every ensemble member is the same, "
                         "computing one.")
-        self.chunk_size = max(1, int(c["chunk_size"] or self.ensemble))
-        if c["compile"]:
-            self._compile()
-        logger.info("DIFT-SD: %s on %s (%s), t=%d, up_blocks[%d] (%d channels), ensemble %d.",
-                    model.name, self.device, str(self.dtype).replace("torch.", ""), c["t"],
-                    c["up_ft_index"], self.descriptor_dim, self.ensemble)
-
-    def _compile(self) -> None:
-        """torch.compile the blocks that run (not the UNet itself: its early exit is a raise)."""
-        idx = int(self.conf["up_ft_index"])
-        blocks = [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks[:idx]]
-        for block in blocks:
-            block.compile()
-        for child in self.unet.up_blocks[idx].children():  # the hooked block's own call stays eager
-            for module in (child if isinstance(child, torch.nn.ModuleList) else [child]):
-                module.compile()
+        self.chunk_size = max(1, int(c["chunk_size"] or self.ensemble * self.batch_size))
+        cuda_speedups(self.device)
+        self.compiler = Compiler("the SD UNet/VAE blocks", c["compile_mode"])
+        if resolve_flag(c["compile"], self.device):
+            setup_compile_cache()
+            compile_sd(self.unet, self.vae, int(c["up_ft_index"]), self.compiler)
+        logger.info("DIFT-SD: %s on %s (%s%s%s), t=%d, up_blocks[%d] (%d channels), "
+                    "ensemble %d.", model.name, self.device, str(self.dtype).replace("torch.", ""),
+                    ", channels_last" if self.channels_last else "",
+                    ", compiled" if self.compiler.active else "", c["t"], c["up_ft_index"],
+                    self.descriptor_dim, self.ensemble)
 
     def input_size(self, image_wh: tuple[int, int]) -> tuple[int, int]:
-        """(W_in, H_in) the network sees for an image of (W, H)."""
-        w_in, h_in = input_size(self.conf["img_size"], image_wh, self.multiple)
-        if w_in % self.multiple or h_in % self.multiple or w_in <= 0 or h_in <= 0:
-            raise DiftSfmError(f"featurizer.img_size gives an input of {w_in}x{h_in}; both sides "
-                               f"must be positive multiples of {self.multiple} for this model.")
-        return w_in, h_in
+        """(W_in, H_in) the network sees for an image of (W, H); see ``base.input_size``."""
+        return input_size(self.conf["img_size"], image_wh, self.multiple)
 
     def draw_randomness(self, latent_hw: tuple[int, int]
                         ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -271,31 +254,30 @@ class SDFeaturizer(DenseFeaturizer):
 
         A disabled draw (``sample_posterior`` / ``add_noise`` false) is None.
         """
-        gen = torch.Generator().manual_seed(int(self.conf["seed"]))
         shape = (self.ensemble, self.unet.config.in_channels, *latent_hw)
-        eps = torch.randn(shape, generator=gen) if self.conf["sample_posterior"] else None
-        noise = torch.randn(shape, generator=gen) if self.conf["add_noise"] else None
+        eps, noise = seeded_normal(self.conf["seed"], [
+            shape if self.conf["sample_posterior"] else None,
+            shape if self.conf["add_noise"] else None])
         return eps, noise
 
     def _features(self, batch: torch.Tensor) -> torch.Tensor:
         vae_factor = 2 ** (len(self.vae.config.block_out_channels) - 1)
         latent_hw = (batch.shape[-2] // vae_factor, batch.shape[-1] // vae_factor)
         eps, noise = self.draw_randomness(latent_hw)
-        while True:
-            try:
-                return sd_dift_features(
-                    self.unet, self.vae, self.scheduler, batch, self.prompt_embeds,
-                    int(self.conf["t"]), int(self.conf["up_ft_index"]), eps, noise,
-                    self.model.scaling_factor, chunk_size=self.chunk_size)
-            except _OOM as err:
-                if self.chunk_size == 1:
-                    raise DiftSfmError(
-                        f"Out of GPU memory even with one UNet sample per call ({err}). Use a "
-                        f"smaller featurizer.img_size, dtype bf16/fp16, or another GPU.") from err
-                self.chunk_size = max(1, self.chunk_size // 2)
-                logger.warning("Out of GPU memory: retrying with chunk_size=%d.", self.chunk_size)
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
+
+        def run(chunk: int) -> torch.Tensor:
+            return self.compiler.run(lambda: sd_dift_features(
+                self.unet, self.vae, self.scheduler, batch, self.prompt_embeds,
+                int(self.conf["t"]), int(self.conf["up_ft_index"]), eps, noise,
+                self.model.scaling_factor, chunk_size=chunk))
+
+        try:
+            feats, self.chunk_size = halve_on_oom(run, self.chunk_size, self.device)
+        except torch.OutOfMemoryError as err:
+            raise DiftSfmError(
+                f"Out of GPU memory even with one UNet sample per call ({err}). Use a "
+                f"smaller featurizer.img_size, dtype bf16/fp16, or another GPU.") from err
+        return feats
 
     def dense(self, image: np.ndarray) -> DenseFeatures:
         """DIFT features of ``image`` (H, W, 3) float32 RGB in [0, 1]: (C, h, w) float32."""
@@ -323,5 +305,5 @@ class SDFeaturizer(DenseFeaturizer):
         return results  # type: ignore[return-value]
 
 
-__all__ = ["SDFeaturizer", "image_to_tensor", "input_size", "sd_dift_features", "size_multiple",
-           "unet_up_block_output"]
+__all__ = ["SDFeaturizer", "compile_sd", "image_to_tensor", "input_size", "sd_dift_features",
+           "size_multiple", "unet_up_block_output"]

@@ -32,7 +32,12 @@ class SIFT(Featurizer):
     """
 
     descriptor_dim = 128
-    default_conf = {"root": True, "default_size": 12.0}
+    default_conf = {
+        "name": "sift",
+        "batch_size": 1,        # images per describe_batch call of the extraction loop
+        "root": True,           # RootSIFT (L1, sqrt) before the final L2 normalisation
+        "default_size": 12.0,   # keypoint diameter (px) for keypoints without a size
+    }
 
     def describe(self, image: np.ndarray, keypoints: np.ndarray, sizes: np.ndarray | None = None,
                  angles: np.ndarray | None = None, **_: object) -> np.ndarray:

@@ -8,13 +8,20 @@ Metadata (the conf that wrote the file, descriptor size) lives in root attribute
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
+from typing import Any
 
 import h5py
 import numpy as np
 
 from ..errors import FormatError
 from .h5store import iter_entries, open_h5
+from .resume import significant
+
+#: Conf sections that shape a features file's content (the matcher section does not).
+FEATURE_SECTIONS = ("preprocessing", "keypoints", "featurizer", "pca")
 
 
 def is_complete_features(group: h5py.Group) -> bool:
@@ -92,3 +99,115 @@ def read_conf_name(path: Path | str) -> str | None:
     """The name of the conf that wrote a features file, or None (e.g. written by hloc)."""
     name = read_root_attrs(path).get("conf")
     return str(name) if name else None
+
+
+def _decode(value: Any) -> Any:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def stored_conf(attrs: dict) -> dict | None:
+    """The conf recorded in a features file's root attributes (None if it records none)."""
+    text = attrs.get("conf_json")
+    if not text:
+        return None
+    try:
+        conf = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise FormatError(f"Unreadable conf_json attribute in a features file ({err}).") from err
+    if attrs.get("conf"):
+        conf.setdefault("name", str(attrs["conf"]))
+    return conf
+
+
+def feature_settings(conf: dict) -> dict:
+    """The parts of a conf that decide a features file's content (see ``FEATURE_SECTIONS``)."""
+    return {k: conf.get(k) for k in FEATURE_SECTIONS if conf.get(k) is not None}
+
+
+class FeaturesReader:
+    """Read access to a features.h5 that keeps the file open (use as a context manager).
+
+    Keypoints are (N, 2) float32 (x, y) in original pixels, pixel centres at integers;
+    descriptors are returned (N, D) float32 (stored (D, N)).
+    """
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.file = open_h5(self.path)
+        self.attrs = {k: _decode(v) for k, v in self.file.attrs.items()}
+        self._names: list[str] | None = None
+        self._digest: bytes | None = None
+
+    def __enter__(self) -> FeaturesReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    @property
+    def names(self) -> list[str]:
+        """Names of the complete image entries (sorted)."""
+        if self._names is None:
+            self._names = sorted(iter_entries(self.file, is_complete_features))
+        return self._names
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.file and is_complete_features(self.file[name])
+
+    def _group(self, name: str) -> h5py.Group:
+        if name not in self.file or not isinstance(self.file[name], h5py.Group):
+            raise FormatError(f"Image '{name}' is not in features file {self.path}.")
+        return self.file[name]
+
+    def dataset(self, name: str, dataset: str) -> np.ndarray:
+        """One dataset of an image entry, as stored."""
+        group = self._group(name)
+        if dataset not in group:
+            raise FormatError(f"Entry '{name}' of features file {self.path} has no '{dataset}'.")
+        return group[dataset][()]
+
+    def keypoints(self, name: str) -> np.ndarray:
+        """(N, 2) float32 keypoints of image ``name``, original pixels."""
+        return self.dataset(name, "keypoints").astype(np.float32)
+
+    def descriptors(self, name: str) -> np.ndarray:
+        """(N, D) float32 descriptors of image ``name``."""
+        group = self._group(name)
+        if not is_complete_features(group):
+            raise FormatError(f"Entry '{name}' of features file {self.path} is incomplete.")
+        return group["descriptors"][()].T.astype(np.float32)
+
+    def scores(self, name: str) -> np.ndarray:
+        """(N,) float32 keypoint scores of image ``name``."""
+        return self.dataset(name, "scores").astype(np.float32)
+
+    def image_size(self, name: str) -> tuple[int, int]:
+        """(W, H) of the original image ``name``."""
+        w, h = self.dataset(name, "image_size")
+        return int(w), int(h)
+
+    @property
+    def conf(self) -> dict | None:
+        """The conf that wrote the file (every section, overrides included), or None."""
+        return stored_conf(self.attrs)
+
+    def fingerprint(self, name: str) -> str:
+        """Identity of image ``name``'s features: its keypoints and how they were described.
+
+        A matches entry records the fingerprints of both images; when either changes (other
+        keypoints, another featurizer or PCA basis), the stored matches no longer fit.
+        """
+        if self._digest is None:
+            conf = self.conf
+            ident = json.dumps(significant(feature_settings(conf)) if conf else None,
+                               sort_keys=True).encode()
+            pca = self.attrs.get("pca_components")
+            if pca is not None:
+                ident += np.ascontiguousarray(pca, np.float32).tobytes()
+            self._digest = hashlib.blake2b(ident, digest_size=16).digest()
+        h = hashlib.blake2b(self._digest, digest_size=12)
+        h.update(np.ascontiguousarray(self.keypoints(name), np.float32).tobytes())
+        return h.hexdigest()

@@ -6,6 +6,10 @@ files under ``<output>.parts/`` (written as ``*.tmp``, renamed when closed); ``f
 the old output and the shards into a temporary file that atomically replaces the output. After a
 crash the next run salvages every complete entry of the shards, so finished work is never lost,
 and readers of the output only ever see a complete file.
+
+One writer at a time: the writer holds an exclusive lock on ``<output>.lock`` (``flock``,
+released by the OS when the process dies, so a ``kill -9`` never leaves it stuck); a second
+writer of the same output gets an OutputLockedError at once.
 """
 
 from __future__ import annotations
@@ -20,7 +24,12 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from ..errors import FormatError
+from ..errors import DiftSfmError, FormatError
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks, one writer is the user's responsibility
+    fcntl = None  # type: ignore[assignment]
 
 logger = logging.getLogger("dift_sfm")
 
@@ -60,6 +69,45 @@ def _copy_entry(src: h5py.File, dst: h5py.File, key: str) -> None:
     src.copy(src[key], dst, name=key)
 
 
+class OutputLockedError(DiftSfmError):
+    """Another process is writing the same output."""
+
+
+def check_writable(folder: Path) -> None:
+    """Fail before any work when ``folder`` cannot be created or written to."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DiftSfmError(f"Cannot create output folder {folder}: {err.strerror}.") from err
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise DiftSfmError(f"Output folder {folder} is not writable: choose another output "
+                           "or fix its permissions.")
+
+
+class OutputLock:
+    """An exclusive, non-blocking lock on ``<path>.lock``, held until ``release``."""
+
+    def __init__(self, path: Path):
+        self.path = path.with_name(path.name + ".lock")
+        check_writable(self.path.parent)
+        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        if fcntl is None:
+            return
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as err:
+            os.close(self._fd)
+            self._fd = None
+            raise OutputLockedError(
+                f"Another dift-sfm process is writing {path} (lock {self.path}). Wait for it "
+                "to finish, or write to another output.") from err
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing drops the flock; the lock file itself stays harmlessly
+            self._fd = None
+
+
 class ShardedH5Writer:
     """Adds entries (groups of numeric datasets) to an h5 output without writing it in place.
 
@@ -83,7 +131,7 @@ class ShardedH5Writer:
         self._shard_path: Path | None = None
         self._shard_count = 0
         self._shard_start = 0.0
-        self.written: set[str] = set()
+        self._lock = OutputLock(self.path)
         self._salvage()
 
     # ------------------------------------------------------------------ recovery
@@ -101,6 +149,7 @@ class ShardedH5Writer:
                     keys = list(iter_entries(f, self.is_complete))
                     if keys:
                         with h5py.File(tmp.with_suffix(".h5"), "w", locking=False) as out:
+                            out.attrs.update(dict(f.attrs))
                             for key in keys:
                                 _copy_entry(f, out, key)
             except (OSError, KeyError, RuntimeError) as err:
@@ -111,6 +160,15 @@ class ShardedH5Writer:
 
     def _shards(self) -> list[Path]:
         return sorted(self.parts.glob("*.h5")) if self.parts.is_dir() else []
+
+    def discard_pending(self) -> None:
+        """Drop every shard of an interrupted run (their entries are not wanted any more)."""
+        self._close_shard()
+        self._remove_parts()
+
+    def sources(self) -> list[Path]:
+        """Files holding complete entries now: the output (if any), then every closed shard."""
+        return ([self.path] if self.path.exists() else []) + self._shards()
 
     def pending_keys(self) -> set[str]:
         """Complete entries waiting in shards from this or an interrupted run."""
@@ -135,6 +193,7 @@ class ShardedH5Writer:
                 index += 1
             self._shard_path = self.parts / f"{stem}.tmp"
             self._shard = h5py.File(self._shard_path, "w", locking=False)
+            self._shard.attrs.update(self.root_attrs)  # what the entries were computed with
             self._shard_count = 0
             self._shard_start = time.monotonic()
         return self._shard
@@ -142,6 +201,8 @@ class ShardedH5Writer:
     def _close_shard(self) -> None:
         if self._shard is None:
             return
+        # the root attributes travel with the entries: a run killed before the merge loses none
+        self._shard.attrs.update(self.root_attrs)
         self._shard.close()
         assert self._shard_path is not None
         os.replace(self._shard_path, self._shard_path.with_suffix(".h5"))
@@ -158,7 +219,6 @@ class ShardedH5Writer:
         for name, value in (attrs or {}).items():
             group.attrs[name] = value
         f.flush()
-        self.written.add(key)
         self._shard_count += 1
         if (self._shard_count >= self.shard_entries
                 or time.monotonic() - self._shard_start > self.shard_seconds):
@@ -173,6 +233,7 @@ class ShardedH5Writer:
         shards = self._shards()
         if not shards and self.path.exists() and not drop_existing and not self._attrs_changed():
             self._remove_parts()
+            self._lock.release()
             return
         tmp = self.path.with_name(self.path.name + ".merging")
         # libver >= 1.8 format: root attributes over 64 KiB (e.g. a PCA basis) must fit
@@ -194,13 +255,15 @@ class ShardedH5Writer:
             by_shard: dict[Path, list[str]] = {}
             for key, shard in from_shards.items():
                 by_shard.setdefault(shard, []).append(key)
-            for shard, keys in by_shard.items():
+            for shard in shards:
                 with h5py.File(shard, "r", locking=False) as f:
-                    for key in keys:
+                    out.attrs.update(dict(f.attrs))
+                    for key in by_shard.get(shard, []):
                         _copy_entry(f, out, key)
             out.attrs.update(self.root_attrs)
         os.replace(tmp, self.path)
         self._remove_parts()
+        self._lock.release()
 
     def _attrs_changed(self) -> bool:
         if not self.root_attrs:
@@ -215,7 +278,14 @@ class ShardedH5Writer:
 
     def close(self) -> None:
         """Close the open shard without merging (work stays in shards for the next run)."""
-        self._close_shard()
+        try:
+            self._close_shard()
+        except OSError as err:  # e.g. disk full: the shard being written is dropped next run
+            logger.warning("Could not close shard %s (%s); earlier shards are kept.",
+                           self._shard_path, err)
+            self._shard = None
+        finally:
+            self._lock.release()
 
 
 def _differs(a: object, b: object) -> bool:

@@ -3,6 +3,10 @@
 Pair key ``name0.replace('/', '-') + '/' + name1.replace('/', '-')`` (older files join with
 ``_``); each pair is stored once, in either orientation. Datasets: ``matches0`` (N0,) int32,
 index into image 1's keypoints or -1; ``matching_scores0`` (N0,) float32.
+Provenance (dift-sfm only; hloc ignores attributes): each pair group's attributes
+``features0``/``features1`` hold the fingerprints (``FeaturesReader.fingerprint``) of the two
+images' features it was computed from, in stored order; the root attribute ``matcher_json``
+holds the matcher settings.
 """
 
 from __future__ import annotations
@@ -38,6 +42,18 @@ def find_pair(f: h5py.File, name0: str, name1: str) -> tuple[str, bool] | None:
             if key in f and isinstance(f[key], h5py.Group) and is_complete_matches(f[key]):
                 return key, rev
     return None
+
+
+def check_pair_keys(pairs: list[tuple[str, str]], source: str = "the pairs") -> None:
+    """Refuse pairs whose hloc keys collide (names differing only by '/' vs '-')."""
+    from ..images import check_image_names
+
+    check_image_names(dict.fromkeys(n for p in pairs for n in p), source)
+
+
+def match_attrs(fingerprint0: str, fingerprint1: str) -> dict[str, str]:
+    """Attributes of one pair entry: the features it was computed from (stored order)."""
+    return {"features0": fingerprint0, "features1": fingerprint1}
 
 
 def match_datasets(matches0: np.ndarray, scores0: np.ndarray) -> dict[str, np.ndarray]:
@@ -76,3 +92,43 @@ def read_matches(path: Path | str, name0: str, name1: str) -> tuple[np.ndarray, 
     with open_h5(path) as f:
         matches, scores, _, _ = matches_in(f, name0, name1, path)
     return matches, scores
+
+
+class MatchesReader:
+    """Read access to a matches.h5 (or a shard of one) that keeps the file open."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.file = open_h5(self.path)
+        self.attrs = {k: (v.decode() if isinstance(v, bytes) else v)
+                      for k, v in self.file.attrs.items()}
+
+    def __enter__(self) -> MatchesReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+    def has(self, name0: str, name1: str) -> bool:
+        """Whether the pair is stored (either orientation, new or old keys)."""
+        return find_pair(self.file, name0, name1) is not None
+
+    def matches(self, name0: str, name1: str) -> tuple[np.ndarray, np.ndarray]:
+        """((M, 2) int64 indices into name0's and name1's keypoints, (M,) float32 scores)."""
+        matches, scores, _, _ = matches_in(self.file, name0, name1, self.path)
+        return matches, scores
+
+    def provenance(self, name0: str, name1: str) -> tuple[str, str] | None:
+        """Fingerprints of (name0's, name1's) features the stored pair came from; None when the
+        pair is absent or records none (written by hloc or an older dift-sfm)."""
+        found = find_pair(self.file, name0, name1)
+        if found is None:
+            return None
+        attrs = self.file[found[0]].attrs
+        if "features0" not in attrs or "features1" not in attrs:
+            return None
+        fp = (str(attrs["features0"]), str(attrs["features1"]))
+        return (fp[1], fp[0]) if found[1] else fp

@@ -13,19 +13,34 @@ Inference-only choices (none changes the numbers beyond round-off):
   skip tensors that those blocks do not read. Dropout is ignored.
 
 Tensors are NCHW; ``x`` is the noised image in [-1, 1] scale, ``t`` integer timesteps.
+
+Loading (``load_adm``): the official ``256x256_diffusion_uncond.pt`` is downloaded once into the
+cache folder (``dift_sfm.models.files.cache_dir``); any other checkpoint is a ``.pt`` or
+``.safetensors`` file whose flags come from the caller, a json next to it, or the official ones.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .. import logger
+from ..errors import ModelLoadError
+from .files import Timer, cache_dir, offline, read_state_dict
+
+ADM_256_UNCOND_URL = (
+    "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"
+)
+ADM_256_UNCOND_FILE = "256x256_diffusion_uncond.pt"
 
 # Flags of OpenAI's unconditional 256x256 model (``256x256_diffusion_uncond.pt``).
 ADM_256_UNCOND_FLAGS: dict[str, Any] = {
@@ -401,3 +416,96 @@ class ADMUNet(nn.Module):
         """Model output (B, out_channels, H, W): predicted noise (+ variance if learn_sigma)."""
         h = self.features(x, t, len(self.output_blocks) - 1)
         return self.out[2](self.out[0](h, silu=True))
+
+
+# ------------------------------------------------------------------------------ loading
+def default_checkpoint() -> Path:
+    """Path of the official 256x256 unconditional checkpoint, downloaded once into the cache.
+
+    Raises ModelLoadError when it is absent and cannot be downloaded (offline or no network).
+    """
+    path = cache_dir() / ADM_256_UNCOND_FILE
+    if path.is_file():
+        return path
+    how = (f"Download {ADM_256_UNCOND_URL} (about 2.2 GB) and put it at {path} (or set "
+           f"$DIFT_SFM_CACHE to its folder), or pass its path as featurizer.model.")
+    if offline():
+        raise ModelLoadError(f"ADM checkpoint {path} not found and downloads are disabled "
+                             f"(HF_HUB_OFFLINE / DIFT_SFM_OFFLINE is set). {how}")
+    logger.info("Downloading the ADM checkpoint %s to %s.", ADM_256_UNCOND_URL, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Writes a temporary file in the same folder and moves it into place when complete.
+        torch.hub.download_url_to_file(ADM_256_UNCOND_URL, str(path), progress=True)
+    except Exception as exc:  # network, disk, permission errors: all end the same way
+        raise ModelLoadError(f"Could not download the ADM checkpoint ({exc}). {how}") from exc
+    return path
+
+
+def read_flags(source: Mapping[str, Any] | str | Path) -> dict[str, Any]:
+    """Model flags from a dict or a json file; a ``{"flags": {...}}`` wrapper is accepted."""
+    if isinstance(source, Mapping):
+        flags = dict(source)
+    else:
+        try:
+            flags = json.loads(Path(source).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ModelLoadError(f"Could not read ADM flags from {source}: {exc}") from exc
+    if isinstance(flags.get("flags"), Mapping):
+        flags = dict(flags["flags"])
+    return flags
+
+
+def find_flags(weights: Path) -> Path | None:
+    """A flags json next to the weights: ``NAME.json``, or ``NAME.json`` for ``NAME_weights.*``."""
+    stem = weights.name.split(".")[0]
+    candidates = [weights.with_name(stem + ".json")]
+    if stem.endswith("_weights"):
+        candidates.append(weights.with_name(stem[: -len("_weights")] + ".json"))
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def load_adm(model: str | Path | None = None,
+             flags: Mapping[str, Any] | str | Path | None = None,
+             device: torch.device | str = "cpu") -> ADMUNet:
+    """Build the ADM UNet and load its weights (float32, on ``device``, eval mode, no grad).
+
+    The weights are read straight onto ``device`` (safetensors ``device=``, or a memory-mapped
+    pickle) into a model built on the meta device: no second copy is ever made on the CPU.
+
+    Args:
+        model: checkpoint path (``.pt``/``.pth``, or ``.safetensors``); None or "default": the
+            official ``256x256_diffusion_uncond.pt``, downloaded once into ``cache_dir()``.
+        flags: model flags (dict or json path). Default: a json next to the weights
+            (``NAME.json``; ``NAME.json`` for ``NAME_weights.safetensors``), else the flags of
+            the official 256x256 unconditional model.
+        device: where the weights go.
+    """
+    path = default_checkpoint() if model in (None, "default") else Path(model).expanduser()
+    if not path.is_file():
+        raise ModelLoadError(f"ADM checkpoint {path} does not exist. Set featurizer.model to "
+                             f"a .pt or .safetensors file, or to null for the official model.")
+    flags_source: Any = flags if flags is not None else find_flags(path)
+    flags_dict = ADM_256_UNCOND_FLAGS if flags_source is None else read_flags(flags_source)
+    try:
+        config = ADMConfig.from_flags(flags_dict)
+    except (KeyError, ValueError) as exc:
+        raise ModelLoadError(f"Invalid ADM flags ({flags_source or 'defaults'}): {exc}") from exc
+
+    with Timer() as timer:
+        state = read_state_dict(path, device, what="ADM checkpoint")
+        with torch.device("meta"):
+            net = ADMUNet(config)
+        try:
+            net.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as exc:
+            lines = str(exc).splitlines()
+            raise ModelLoadError(
+                f"ADM checkpoint {path} does not fit the model flags from "
+                f"{flags_source or 'the official 256x256 unconditional model'}: "
+                f"{' '.join(lines[:4])[:600]} ... Give the right flags as featurizer.flags "
+                f"(dict or json path) or as a json next to the weights."
+            ) from exc
+        net = net.float().eval().requires_grad_(False)
+    logger.info("Loaded the ADM checkpoint %s onto %s in %.1f s.", path, device, timer.seconds)
+    return net

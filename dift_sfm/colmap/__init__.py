@@ -1,0 +1,9 @@
+"""COLMAP access through pycolmap: the database (:mod:`.database`) and mapping (:mod:`.mapping`).
+
+This file imports nothing heavy: the command line reads the option names below without
+loading pycolmap. Import the submodules for the functions.
+"""
+
+#: ``camera_mode`` values of :func:`dift_sfm.colmap.database.create_database`: which images share
+#: intrinsics (``auto``: consecutive images of the same size, EXIF camera and focal length).
+CAMERA_MODES = ("auto", "single", "per-folder", "per-image")

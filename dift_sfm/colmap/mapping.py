@@ -1,0 +1,139 @@
+"""COLMAP on a database holding keypoints and raw matches: verification, incremental mapping,
+and the figures of the resulting model.
+
+    database.db ─► pycolmap geometric verification (two_view_geometries) ─► incremental mapping
+    ─► sfm_dir/sparse/0 (largest model, COLMAP binary), sparse/1, ... (smaller ones, if any)
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pycolmap
+
+from ..errors import DiftSfmError
+
+logger = logging.getLogger("dift_sfm")
+
+
+class ReconstructionError(DiftSfmError):
+    """Geometric verification or mapping produced no usable model."""
+
+
+@dataclass
+class ReconstructionSummary:
+    """Figures of the largest model (``sfm_dir/sparse/0``)."""
+
+    sfm_dir: Path
+    num_images: int
+    num_registered: int
+    num_points3D: int
+    mean_track_length: float
+    mean_reprojection_error: float
+    mean_observations_per_image: float
+    num_models: int
+    num_verified_pairs: int
+    unregistered: list[str] = field(default_factory=list)
+    failed_images: dict[str, str] = field(default_factory=dict)
+
+    def format(self) -> str:
+        lines = [
+            f"Reconstruction in {self.sfm_dir / 'sparse' / '0'}:",
+            f"  registered images       {self.num_registered} / {self.num_images}",
+            f"  3D points               {self.num_points3D}",
+            f"  mean track length       {self.mean_track_length:.3f}",
+            f"  mean reprojection error {self.mean_reprojection_error:.3f} px",
+            f"  observations per image  {self.mean_observations_per_image:.1f}",
+            f"  verified pairs          {self.num_verified_pairs}",
+            f"  models                  {self.num_models}",
+        ]
+        if self.unregistered:
+            lines.append(f"  not registered: {', '.join(self.unregistered)}")
+        if self.failed_images:
+            lines.append(f"  skipped (unreadable): {', '.join(self.failed_images)}")
+        return "\n".join(lines)
+
+
+def verify_database(database: Path | str,
+                    options: pycolmap.TwoViewGeometryOptions | None = None) -> int:
+    """pycolmap geometric verification of every matched pair; returns the verified pair count."""
+    database = Path(database)
+    if options is None:
+        options = pycolmap.TwoViewGeometryOptions()
+        options.ransac.random_seed = 0
+    pycolmap.geometric_verification(database, two_view_geometry_options=options)
+    with pycolmap.Database.open(database) as db:
+        return db.num_verified_image_pairs()
+
+
+def run_mapping(database: Path | str, image_dir: Path | str, sfm_dir: Path | str,
+                min_model_size: int | None = None,
+                options: pycolmap.IncrementalPipelineOptions | None = None,
+                ) -> list[pycolmap.Reconstruction]:
+    """Incremental mapping; writes the models, largest first, to ``sfm_dir/sparse/{0,1,...}``.
+
+    The previous ``sparse`` folder is replaced only once mapping succeeded. ``min_model_size``
+    (default: the one of ``options``, else COLMAP's 10 capped at the number of images) is the
+    fewest registered images a model needs to be kept. Raises ReconstructionError when no
+    model is built.
+    """
+    database, sfm_dir = Path(database), Path(sfm_dir)
+    with pycolmap.Database.open(database) as db:
+        num_images = db.num_images()
+    if options is None:
+        options = pycolmap.IncrementalPipelineOptions()
+        options.random_seed = 0
+        options.min_model_size = min(10, num_images)
+    if min_model_size is not None:
+        options.min_model_size = min_model_size
+    work = sfm_dir / "sparse.tmp"
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    logger.info("Incremental mapping of %d images (min model size %d)...", num_images,
+                options.min_model_size)
+    models = pycolmap.incremental_mapping(database, image_dir, work / "raw", options)
+    models = sorted(models.values(), key=lambda r: (r.num_reg_images(), r.num_points3D()),
+                    reverse=True)
+    if not models:
+        shutil.rmtree(work, ignore_errors=True)
+        raise ReconstructionError(
+            f"Mapping built no model from {database}: too few verified matches. Try exhaustive "
+            "pairs, more keypoints, or a lower --min-model-size.")
+    for i, rec in enumerate(models):
+        (work / "sparse" / str(i)).mkdir(parents=True)
+        rec.write_binary(work / "sparse" / str(i))
+    final = sfm_dir / "sparse"
+    old = sfm_dir / "sparse.old"
+    shutil.rmtree(old, ignore_errors=True)
+    if final.exists():
+        final.rename(old)
+    (work / "sparse").rename(final)
+    shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(work, ignore_errors=True)
+    return models
+
+
+def summarize_model(rec: pycolmap.Reconstruction, database: Path | str, sfm_dir: Path | str,
+                    num_models: int = 1, failed_images: dict[str, str] | None = None
+                    ) -> ReconstructionSummary:
+    """Registered images, 3D points, mean track length and reprojection error of ``rec``."""
+    with pycolmap.Database.open(database) as db:
+        names = sorted(im.name for im in db.read_all_images())
+        verified = db.num_verified_image_pairs()
+    registered = {rec.images[i].name for i in rec.reg_image_ids()}
+    return ReconstructionSummary(
+        sfm_dir=Path(sfm_dir),
+        num_images=len(names),
+        num_registered=rec.num_reg_images(),
+        num_points3D=rec.num_points3D(),
+        mean_track_length=float(rec.compute_mean_track_length()),
+        mean_reprojection_error=float(rec.compute_mean_reprojection_error()),
+        mean_observations_per_image=float(rec.compute_mean_observations_per_reg_image()),
+        num_models=num_models,
+        num_verified_pairs=verified,
+        unregistered=[n for n in names if n not in registered],
+        failed_images=dict(failed_images or {}),
+    )

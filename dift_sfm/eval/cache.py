@@ -1,0 +1,79 @@
+"""What the benchmarks cache in their output folders, and under which names.
+
+- :func:`conf_tag`: ``<conf name>-<hash>``, part of the cached features/matches file names, so
+  that another conf (or ``--set``) gets new files while a re-run reuses the old ones;
+- the glue-factory protocol's image copies resized to a short side (:func:`resize_short_side`,
+  named by :func:`resized_name`) and imported keypoints mapped into them
+  (:func:`write_scaled_keypoints`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from ..errors import DiftSfmError
+from ..formats.features import FeaturesReader, feature_datasets, is_complete_features
+from ..formats.h5store import ShardedH5Writer
+from ..geometry import scale_pixel_coords
+
+
+def conf_tag(conf: dict) -> str:
+    """``<conf name>-<8 hex>``: a hash of everything that changes the features or matches."""
+    keys = ("preprocessing", "keypoints", "featurizer", "matcher", "pca")
+    blob = json.dumps({k: conf.get(k) for k in keys}, sort_keys=True, default=str)
+    return f"{conf.get('name', 'conf')}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
+
+
+def resized_name(name: str) -> str:
+    """Name of the resized copy of image ``name`` (PNG, same folders)."""
+    return str(Path(name).with_suffix(".png").as_posix())
+
+
+def resize_short_side(src: Path, dst: Path, short_side: int) -> tuple[float, float]:
+    """Write ``src`` resized so its short side is ``short_side`` px to ``dst`` (PNG, skipped
+    when an up-to-date copy exists). Returns the scale (sx, sy) = new / old size."""
+    image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
+    if image is None:
+        raise DiftSfmError(f"Could not read image {src}.")
+    h, w = image.shape[:2]
+    ratio = short_side / min(h, w)
+    nw, nh = max(1, round(w * ratio)), max(1, round(h * ratio))
+    if dst.exists():
+        old = cv2.imread(str(dst), cv2.IMREAD_UNCHANGED)
+        if old is not None and old.shape[:2] == (nh, nw):
+            return nw / w, nh / h
+    interp = cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR
+    resized = cv2.resize(image, (nw, nh), interpolation=interp)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(dst.stem + ".tmp.png")
+    if not cv2.imwrite(str(tmp), resized):
+        raise DiftSfmError(f"Could not write resized image {tmp}.")
+    tmp.replace(dst)
+    return nw / w, nh / h
+
+
+def write_scaled_keypoints(src: Path, dst: Path, names: dict[str, str],
+                           scales: dict[str, tuple[float, float]]) -> Path:
+    """Write the keypoints of ``names`` (src name -> dst name) of the hloc features file ``src``,
+    mapped into the resized frames (:func:`~dift_sfm.geometry.scale_pixel_coords`), into a new
+    features file ``dst`` (no descriptors; atomically replaced)."""
+    writer = ShardedH5Writer(dst, is_complete_features)
+    writer.discard_pending()  # rewritten whole each run: leftovers of a killed run are stale
+    try:
+        with FeaturesReader(src) as features:
+            for name, new in names.items():
+                s = np.asarray(scales[name], np.float32)
+                xy = scale_pixel_coords(features.keypoints(name), s)
+                w, h = features.image_size(name)
+                writer.write(new, feature_datasets(xy, np.zeros((len(xy), 0), np.float32),
+                                                   features.scores(name),
+                                                   (round(w * s[0]), round(h * s[1]))))
+        writer.finalize(drop_existing=True)
+    finally:
+        writer.close()
+    return dst

@@ -1,0 +1,87 @@
+"""The one rule that decides whether an existing output may be extended (resumed).
+
+Every step that resumes an output (``extract``, ``match``, ``hpatches``, ``pose-bench``,
+``reconstruct``, ``colmap-import``) stores the settings that shaped its results beside them and
+asks :func:`may_resume` before reusing anything. Settings that only change speed or placement
+(``RUNTIME_KEYS``) never block a resume; any other difference is refused with a message that
+names the file, the differing keys, and how to proceed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from ..errors import FormatError
+
+logger = logging.getLogger("dift_sfm")
+
+#: Conf keys that change how fast or where a result is computed, never the result itself.
+RUNTIME_KEYS = frozenset({"batch_size", "chunk_size", "compile", "channels_last", "device",
+                          "num_workers", "pair_batch", "prefetch"})
+
+
+class StaleOutputError(FormatError):
+    """An existing output was computed from other inputs or settings than this run's."""
+
+
+def significant(settings: Mapping[str, Any]) -> dict[str, Any]:
+    """``settings`` (nested dicts) without the ``RUNTIME_KEYS``, as JSON-normalised data."""
+    def strip(node: Any) -> Any:
+        if isinstance(node, Mapping):
+            return {k: strip(v) for k, v in node.items() if k not in RUNTIME_KEYS}
+        return node
+    return json.loads(json.dumps(strip(settings)))
+
+
+def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested settings dicts (runtime keys ignored)."""
+    old, new = significant(old), significant(new)
+    diff: list[str] = []
+    if old.get("name") != new.get("name"):  # another component: its options do not compare
+        return [f"{prefix}name: {json.dumps(old.get('name'))} -> {json.dumps(new.get('name'))}"]
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diff += settings_diff(a, b, f"{prefix}{key}.")
+        elif a != b:
+            diff.append(f"{prefix}{key}: {json.dumps(a)} -> {json.dumps(b)}")
+    return diff
+
+
+def may_resume(path: Path | str, stored: Mapping[str, Any] | None, wanted: Mapping[str, Any],
+               overwrite: bool, what: str = "output", written_by: str | None = None) -> bool:
+    """Whether the entries already in ``path`` may be kept (and extended) by this run.
+
+    Args:
+        path: the existing output (file or folder); absent means there is nothing to keep.
+        stored: the settings recorded in it (None: it records none, e.g. written by hloc).
+        wanted: this run's settings, same layout.
+        overwrite: the user asked to recompute; then an output with other settings is
+            replaced instead of refused (which entries to recompute is the caller's business).
+        what: how to call the output in messages ("features file", "matches file", ...).
+        written_by: the name of the conf that wrote it, for messages.
+
+    Returns True when the stored settings equal the wanted ones (runtime keys aside) or record
+    nothing, False when there is no output or ``overwrite`` replaces a different one. Raises
+    StaleOutputError when they differ and ``overwrite`` is not set.
+    """
+    path = Path(path)
+    if not path.exists():
+        return False
+    diff = [] if stored is None else settings_diff(stored, wanted)
+    if not diff:
+        return True
+    shown = "; ".join(diff[:6]) + (f"; and {len(diff) - 6} more" if len(diff) > 6 else "")
+    if written_by:
+        shown = f"written by conf '{written_by}'; {shown}"
+    if overwrite:
+        logger.warning("Replacing the %s %s: it was computed with other settings (%s).",
+                       what, path, shown)
+        return False
+    raise StaleOutputError(
+        f"The {what} {path} was computed with other settings than this run's ({shown}). "
+        "Use --overwrite to recompute it, or write to another output.")

@@ -1,0 +1,201 @@
+"""Structure-from-Motion from a folder of images, like hloc's pipelines in one call.
+
+    extract (features.h5) ─► pairs (pairs-*.txt) ─► match (matches.h5)
+    ─► colmap.database (database.db: cameras, images, keypoints, raw matches)
+    ─► colmap.mapping (geometric verification, incremental mapping ─► sparse/0, ...)
+
+``run_pipeline`` runs it all under one output folder; ``reconstruct`` is the second half, from
+existing features/matches/pairs files (like ``hloc.reconstruction.main``). It builds a fresh
+database in a temporary file and atomically replaces ``sfm_dir/database.db`` with it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .colmap.database import (
+    check_camera_args,
+    check_image_names,
+    create_database,
+    import_into_database,
+    remove_database,
+)
+from .colmap.mapping import ReconstructionSummary, run_mapping, summarize_model, verify_database
+from .errors import DiftSfmError, FormatError, PartialFailure
+from .extract import extract_features
+from .formats.features import list_names
+from .formats.matches import MatchesReader
+from .images import resolve_image_list
+from .match import match_features
+from .pairs import PAIR_STRATEGIES, exhaustive_pairs, read_pairs, sequential_pairs, write_pairs
+from .retrieval import retrieval_pairs
+
+if TYPE_CHECKING:
+    import pycolmap
+
+logger = logging.getLogger("dift_sfm")
+
+__all__ = ["PAIR_STRATEGIES", "make_pairs", "reconstruct", "run_pipeline"]
+
+
+def reconstruct(
+    sfm_dir: Path | str,
+    image_dir: Path | str,
+    pairs: Path | str,
+    features: Path | str,
+    matches: Path | str,
+    camera_mode: str = "auto",
+    camera_model: str = "SIMPLE_RADIAL",
+    image_list: list[str] | None = None,
+    min_model_size: int | None = None,
+    verification_options: pycolmap.TwoViewGeometryOptions | None = None,
+    mapper_options: pycolmap.IncrementalPipelineOptions | None = None,
+    failed_images: dict[str, str] | None = None,
+) -> tuple[pycolmap.Reconstruction, ReconstructionSummary]:
+    """features.h5 + matches.h5 + pairs -> ``sfm_dir/database.db`` and ``sfm_dir/sparse/0``.
+
+    Like ``hloc.reconstruction.main``. The database holds the images of ``image_list``
+    (default: every image of the features file). It is built from scratch in
+    ``database.db.tmp``, verified, then atomically moved over ``database.db``, so an old database
+    is only replaced by a complete one. Returns the largest model and its summary (also logged).
+    """
+    sfm_dir, image_dir = Path(sfm_dir), Path(image_dir)
+    sfm_dir.mkdir(parents=True, exist_ok=True)
+    names = sorted(image_list) if image_list is not None else list_names(features)
+    if not names:
+        raise FormatError(f"Features file {features} holds no image.")
+    check_image_names(names, f"features file {features}")
+    database = sfm_dir / "database.db"
+    tmp = sfm_dir / "database.db.tmp"
+    remove_database(tmp)
+    try:
+        create_database(tmp, image_dir, names, camera_mode, camera_model)
+        import_into_database(tmp, features, matches, pairs)
+        logger.info("Geometric verification...")
+        verified = verify_database(tmp, verification_options)
+    except BaseException:
+        remove_database(tmp)
+        raise
+    logger.info("%d verified pairs.", verified)
+    # A stale rollback journal beside the old file would be "replayed" into the new one.
+    database.with_name(database.name + "-journal").unlink(missing_ok=True)
+    os.replace(tmp, database)
+    models = run_mapping(database, image_dir, sfm_dir, min_model_size, mapper_options)
+    summary = summarize_model(models[0], database, sfm_dir, len(models), failed_images)
+    logger.info("Model %s: %d/%d images registered, %d points, mean track length %.2f, mean "
+                "reprojection error %.3f px.", sfm_dir / "sparse" / "0", summary.num_registered,
+                summary.num_images, summary.num_points3D, summary.mean_track_length,
+                summary.mean_reprojection_error)
+    return models[0], summary
+
+
+def _check_matcher(match_path: Path, conf: dict, overwrite: bool) -> None:
+    """Refuse to extend a matches file written with other matcher settings."""
+    if overwrite or not match_path.exists():
+        return
+    with MatchesReader(match_path) as reader:
+        old = reader.attrs.get("matcher_json")
+    if old is None:
+        return
+    if json.loads(str(old)) != conf["matcher"]:
+        raise FormatError(f"Matches file {match_path} was written with other matcher settings "
+                          f"({old}). Use --overwrite to recompute it, or another --output.")
+
+
+def make_pairs(strategy: str, names: list[str], output: Path, feature_path: Path,
+               image_dir: Path, window: int = 5, num_neighbors: int = 10,
+               retrieval_method: str | None = None,
+               skip: set[str] | frozenset[str] = frozenset()) -> Path:
+    """Write the pairs of ``names`` for a strategy (or a pairs FILE) into ``output``.
+
+    A pairs file is validated against ``names`` (line-numbered errors); its pairs naming an
+    image in ``skip`` (unreadable) are dropped with a warning.
+    """
+    if strategy == "exhaustive":
+        pairs, path = exhaustive_pairs(names), output / "pairs-exhaustive.txt"
+    elif strategy == "sequential":
+        pairs = sequential_pairs(names, window=window)
+        path = output / f"pairs-sequential{window}.txt"
+    elif strategy == "retrieval":
+        method = retrieval_method or "vlad"
+        pairs = retrieval_pairs(names, num_neighbors, feature_path=feature_path,
+                                image_dir=image_dir, method=method)
+        path = output / f"pairs-retrieval-{method}{num_neighbors}.txt"
+    else:
+        src = Path(strategy)
+        if not src.is_file():
+            raise DiftSfmError(f"--pairs must be one of {', '.join(PAIR_STRATEGIES)} or an "
+                               f"existing pairs file; '{strategy}' is neither.")
+        try:
+            pairs = read_pairs(src, known_names=set(names) | set(skip))
+        except FormatError as err:
+            raise FormatError(f"{err} (pairs must name images of {image_dir})") from err
+        dropped = [p for p in pairs if p[0] in skip or p[1] in skip]
+        if dropped:
+            logger.warning("Dropping %d pairs of %s that name unreadable images.", len(dropped),
+                           src)
+        pairs = [p for p in pairs if p not in dropped]
+        path = output / f"pairs-{src.stem}.txt"
+        if path.resolve() == src.resolve():
+            path = output / f"pairs-{src.stem}-used.txt"
+    if not pairs:
+        raise DiftSfmError(f"No image pairs to match ({strategy}, {len(names)} images).")
+    write_pairs(path, pairs)
+    logger.info("%d pairs (%s) in %s.", len(pairs), strategy, path)
+    return path
+
+
+def run_pipeline(
+    conf: dict,
+    image_dir: Path | str,
+    output: Path | str,
+    pairs: str = "exhaustive",
+    window: int = 5,
+    num_neighbors: int = 10,
+    retrieval_method: str | None = None,
+    image_list: Path | str | list[str] | None = None,
+    camera_mode: str = "auto",
+    camera_model: str = "SIMPLE_RADIAL",
+    min_model_size: int | None = None,
+    overwrite: bool = False,
+) -> tuple[pycolmap.Reconstruction, ReconstructionSummary]:
+    """extract -> pairs -> match -> database -> verify -> map, everything under ``output``.
+
+    Files: ``<conf output>.h5`` (features), ``pairs-<strategy>.txt``,
+    ``<conf output>_matches.h5``, ``database.db``, ``sparse/0``. Features and matches are
+    resumable (finished images/pairs are reused unless ``overwrite``); the database and the
+    model are rebuilt each run. Unreadable images are logged as errors and left out; the others
+    are reconstructed and the summary lists the skipped ones.
+    """
+    image_dir, output = Path(image_dir), Path(output)
+    check_camera_args(camera_mode, camera_model)  # fail before any work
+    if pairs not in PAIR_STRATEGIES and not Path(pairs).is_file():
+        raise DiftSfmError(f"--pairs must be one of {', '.join(PAIR_STRATEGIES)} or an "
+                           f"existing pairs file; '{pairs}' is neither.")
+    names = resolve_image_list(image_dir, image_list)  # refuses colliding names
+    output.mkdir(parents=True, exist_ok=True)
+    features = output / f"{conf['output']}.h5"
+    failed: dict[str, str] = {}
+    try:
+        extract_features(conf, image_dir, features, image_list=names, overwrite=overwrite)
+    except PartialFailure as err:
+        failed = dict(err.failures)
+        logger.error("Continuing without %d unreadable image(s): %s", len(failed),
+                     "; ".join(f"{n}: {e}" for n, e in failed.items()))
+    done = set(list_names(features))
+    ok = [n for n in names if n in done]
+    if len(ok) < 2:
+        raise DiftSfmError(f"Only {len(ok)} readable image(s) in {image_dir}: nothing to "
+                           "reconstruct.")
+    pairs_path = make_pairs(pairs, ok, output, features, image_dir, window, num_neighbors,
+                            retrieval_method, skip=set(failed))
+    matches = output / f"{conf['output']}_matches.h5"
+    _check_matcher(matches, conf, overwrite)
+    match_features(conf, pairs_path, features, matches, overwrite=overwrite)
+    return reconstruct(output, image_dir, pairs_path, features, matches, camera_mode,
+                       camera_model, image_list=ok, min_model_size=min_model_size,
+                       failed_images=failed)
