@@ -9,6 +9,6 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned: left to itself, pip may pick a multi-GB CUDA build for kornia's range.
 .venv/bin/python -m pip install -q ${TORCH_SPEC:-torch==2.13.0}
-.venv/bin/python -m pip install -q -e ".[dev,text]"
+.venv/bin/python -m pip install -q -e ".[dev,text,ray]"
 .venv/bin/dift-sfm --help >/dev/null
 echo "dift-sfm installed in $(pwd)/.venv"

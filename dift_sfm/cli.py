@@ -10,8 +10,14 @@ from pathlib import Path
 from typing import Any
 
 from . import logger
+from .colmap import CAMERA_MODES
 from .confs import confs, describe_conf, get_conf, parse_value
 from .errors import DiftSfmError
+from .eval import PROTOCOLS
+from .eval.datasets import SUBSETS
+from .geometry import HOMOGRAPHY_METHODS
+from .pairs import PAIR_STRATEGIES
+from .retrieval import METHODS as RETRIEVAL_METHODS
 
 
 def add_conf_args(parser: argparse.ArgumentParser, default: str | None = "sift",
@@ -51,6 +57,37 @@ def conf_from_args(args: argparse.Namespace, name: str | None = None) -> dict[st
     return get_conf(name or args.conf, overrides_from_args(args))
 
 
+def add_ray_args(parser: argparse.ArgumentParser) -> None:
+    """--ray and its options (Ray is imported only when --ray is given)."""
+    group = parser.add_argument_group("Ray cluster (pip install \"dift-sfm[ray]\")")
+    group.add_argument("--ray", action="store_true",
+                       help="run on a Ray cluster: --ray-address, else RAY_ADDRESS, else a "
+                            "local cluster using every GPU of this machine")
+    group.add_argument("--ray-address", metavar="ADDRESS",
+                       help="Ray cluster to join, e.g. ray://head:10001 or head:6379")
+    group.add_argument("--workers", type=int, metavar="N",
+                       help="model-holding workers (default: one per GPU; CPU confs: half "
+                            "the cluster's CPUs)")
+    group.add_argument("--ray-shared-fs", action="store_true",
+                       help="workers read the images from the same path (shared filesystem) "
+                            "instead of receiving their bytes from this process")
+
+
+def ray_options_from_args(args: argparse.Namespace):
+    """``RayOptions`` of --ray-address/--workers/--ray-shared-fs, or None without --ray."""
+    if not getattr(args, "ray", False):
+        if getattr(args, "ray_address", None) or getattr(args, "ray_shared_fs", False) \
+                or getattr(args, "workers", None):
+            raise DiftSfmError("--ray-address, --workers and --ray-shared-fs need --ray.")
+        return None
+    from .distributed import RayOptions
+
+    if args.workers is not None and args.workers < 1:
+        raise DiftSfmError(f"--workers must be at least 1, got {args.workers}.")
+    return RayOptions(address=args.ray_address, workers=args.workers,
+                      shared_fs=args.ray_shared_fs)
+
+
 def _command(sub: argparse._SubParsersAction, name: str, help: str) -> argparse.ArgumentParser:
     """A subcommand that also takes -v/-q after its name."""
     return sub.add_parser(name, help=help, parents=[_verbosity()])
@@ -83,21 +120,27 @@ def _add_extract(sub: argparse._SubParsersAction) -> None:
                    help="text file of image names (relative to IMAGE_DIR), one per line")
     p.add_argument("--overwrite", action="store_true", help="recompute images already done")
     add_conf_args(p)
+    add_ray_args(p)
     p.set_defaults(func=_run_extract)
 
 
 def _run_extract(args: argparse.Namespace) -> int:
     from .extract import extract_features
 
-    extract_features(conf_from_args(args), args.image_dir, args.output,
-                     image_list=args.image_list, overwrite=args.overwrite)
+    conf, ray_options, backend = conf_from_args(args), ray_options_from_args(args), None
+    if ray_options is not None:
+        from .distributed import RayExtractBackend
+
+        backend = RayExtractBackend(conf, args.image_dir, ray_options)
+    extract_features(conf, args.image_dir, args.output,
+                     image_list=args.image_list, overwrite=args.overwrite, backend=backend)
     return 0
 
 
 # --------------------------------------------------------------------------- pairs
 def _add_pairs(sub: argparse._SubParsersAction) -> None:
     p = _command(sub, "pairs", "write an image pairs file (hloc format)")
-    p.add_argument("strategy", choices=["exhaustive", "sequential", "retrieval"])
+    p.add_argument("strategy", choices=list(PAIR_STRATEGIES))
     p.add_argument("image_dir", type=Path)
     p.add_argument("--output", "-o", type=Path, required=True,
                    help="pairs file to write: 'name0 name1' per line (hloc format)")
@@ -109,7 +152,7 @@ def _add_pairs(sub: argparse._SubParsersAction) -> None:
                    help="retrieval: features.h5 whose descriptors give the global descriptor "
                         "(without it: the 'tiny' thumbnail + colour histogram descriptor)")
     p.add_argument("--num-neighbors", type=int, default=10, help="retrieval: top-k per image")
-    p.add_argument("--retrieval-method", choices=["vlad", "mean", "tiny"],
+    p.add_argument("--retrieval-method", choices=list(RETRIEVAL_METHODS),
                    help="retrieval global descriptor (default: vlad with --features, else tiny)")
     p.set_defaults(func=_run_pairs)
 
@@ -148,6 +191,7 @@ def _add_match(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a matcher setting, e.g. --set matcher.ratio_threshold=0.8")
     p.add_argument("--device", help="matcher.device, e.g. cpu, cuda")
+    add_ray_args(p)
     p.set_defaults(func=_run_match)
 
 
@@ -156,7 +200,13 @@ def _run_match(args: argparse.Namespace) -> int:
 
     conf = conf_for_matching(args.features, args.conf,
                              overrides_from_args(args, device_key="matcher.device"))
-    match_features(conf, args.pairs, args.features, args.output, overwrite=args.overwrite)
+    ray_options, backend = ray_options_from_args(args), None
+    if ray_options is not None:
+        from .distributed import RayMatchBackend
+
+        backend = RayMatchBackend(conf["matcher"], ray_options)
+    match_features(conf, args.pairs, args.features, args.output, overwrite=args.overwrite,
+                   backend=backend)
     return 0
 
 
@@ -166,15 +216,15 @@ def _add_hpatches(sub: argparse._SubParsersAction) -> None:
                    help="folder(s) of sequences (HPatches release, Oxford affine) or sequences")
     p.add_argument("--output", "-o", type=Path, default=Path("outputs/hpatches"),
                    help="results and cached features/matches (resumable), default: %(default)s")
-    p.add_argument("--protocol", choices=["dift", "gluefactory", "mma", "all"], default=None,
+    p.add_argument("--protocol", choices=[*PROTOCOLS, "all"], default=None,
                    action="append", dest="protocols",
                    help="dift: accuracy @1/3/5 px at full res; gluefactory: AUC @1/3/5 px at "
                         "short side 480; mma: D2-Net MMA @1..10 px (repeatable, default all)")
-    p.add_argument("--subset", choices=["full", "108"], default="full",
+    p.add_argument("--subset", choices=list(SUBSETS), default="full",
                    help="108: drop the 8 sequences with images over 1600x1200")
     p.add_argument("--keypoints-from", type=Path,
                    help="describe the keypoints of this hloc features.h5 instead of detecting")
-    p.add_argument("--estimator", choices=["ransac", "lmeds", "magsac", "pycolmap"],
+    p.add_argument("--estimator", choices=list(HOMOGRAPHY_METHODS),
                    help="dift protocol estimator (default: lmeds for dift-sd, else ransac)")
     p.add_argument("--threshold", type=float, help="dift protocol inlier threshold, px (3)")
     p.add_argument("--gf-threshold", default=None,
@@ -186,7 +236,7 @@ def _add_hpatches(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_hpatches(args: argparse.Namespace) -> int:
-    from .eval.hpatches import PROTOCOLS, run_hpatches
+    from .eval.hpatches import run_hpatches
 
     chosen = args.protocols or ["all"]
     protocols = PROTOCOLS if "all" in chosen else tuple(dict.fromkeys(chosen))
@@ -196,11 +246,14 @@ def _run_hpatches(args: argparse.Namespace) -> int:
             gf = float(gf)
         except ValueError as err:
             raise DiftSfmError(f"--gf-threshold expects a number or 'auto', got '{gf}'.") from err
-    run_hpatches(conf_from_args(args), args.roots, args.output, protocols=protocols,
-                 subset=args.subset, max_keypoints=args.max_keypoints,
-                 keypoints_from=args.keypoints_from, estimator=args.estimator,
-                 threshold=args.threshold, gf_threshold=gf, num_viz=args.num_viz,
-                 overwrite=args.overwrite)
+    from .eval.report import hpatches_table
+
+    results = run_hpatches(conf_from_args(args), args.roots, args.output, protocols=protocols,
+                           subset=args.subset, max_keypoints=args.max_keypoints,
+                           keypoints_from=args.keypoints_from, estimator=args.estimator,
+                           threshold=args.threshold, gf_threshold=gf, num_viz=args.num_viz,
+                           overwrite=args.overwrite)
+    print(hpatches_table(results))  # the result is the product: printed even with -q
     return 0
 
 
@@ -219,15 +272,16 @@ def _add_pose_bench(sub: argparse._SubParsersAction) -> None:
 
 def _run_pose_bench(args: argparse.Namespace) -> int:
     from .eval.pose import run_pose_benchmark
+    from .eval.report import pose_table
 
-    run_pose_benchmark(conf_from_args(args), args.pairs, args.images, args.output,
-                       threshold=args.threshold, overwrite=args.overwrite)
+    results = run_pose_benchmark(conf_from_args(args), args.pairs, args.images, args.output,
+                                 threshold=args.threshold, overwrite=args.overwrite)
+    print(pose_table(results))  # the result is the product: printed even with -q
     return 0
 
 
 # --------------------------------------------------------------------------- COLMAP
 def _add_camera_args(p: argparse.ArgumentParser) -> None:
-    from .reconstruction import CAMERA_MODES
 
     p.add_argument("--camera-mode", choices=list(CAMERA_MODES), default="auto",
                    help="which images share intrinsics (auto: same size + same EXIF camera and "
@@ -250,7 +304,7 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--window", type=int, default=5, help="sequential: neighbours after each image")
     p.add_argument("--num-neighbors", type=int, default=10,
                    help="retrieval: most similar images paired with each image")
-    p.add_argument("--retrieval-method", choices=["vlad", "mean", "tiny"], default=None,
+    p.add_argument("--retrieval-method", choices=list(RETRIEVAL_METHODS), default=None,
                    help="retrieval global descriptor (default vlad of the local descriptors)")
     _add_camera_args(p)
     p.add_argument("--min-model-size", type=int, default=None,
@@ -258,18 +312,26 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                         "10, capped at the number of images)")
     p.add_argument("--overwrite", action="store_true", help="recompute features and matches")
     add_conf_args(p)
+    add_ray_args(p)
     p.set_defaults(func=_run_reconstruct)
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
-    from .reconstruction import run_pipeline
+    import inspect
 
+    from .sfm import run_pipeline
+
+    ray_options = ray_options_from_args(args)
+    extra = {} if ray_options is None else {"ray": ray_options}
+    if extra and "ray" not in inspect.signature(run_pipeline).parameters:
+        raise DiftSfmError("reconstruct --ray is not wired into run_pipeline yet: run "
+                           "`dift-sfm extract --ray` and `dift-sfm match --ray` instead.")
     _, summary = run_pipeline(
         conf_from_args(args), args.image_dir, args.output, pairs=args.pairs, window=args.window,
         num_neighbors=args.num_neighbors, retrieval_method=args.retrieval_method,
         image_list=args.image_list, camera_mode=args.camera_mode,
         camera_model=args.camera_model, min_model_size=args.min_model_size,
-        overwrite=args.overwrite)
+        overwrite=args.overwrite, **extra)
     print(summary.format())
     if summary.failed_images:  # like `extract`: the rest is done, but say so in the exit code
         logger.error("%d unreadable image(s) are not in the model: %s",
@@ -291,7 +353,7 @@ def _add_colmap_import(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_colmap_import(args: argparse.Namespace) -> int:
-    from .reconstruction import import_into_database
+    from .colmap.database import import_into_database
 
     stats = import_into_database(args.database, args.features, args.matches, args.pairs,
                                  overwrite=args.overwrite)

@@ -36,6 +36,8 @@ SECTIONS: dict[str, Callable[[str | None], dict[str, Any]]] = {
     "pca": lambda _: {"dim": None},  # TODO(lead): move to dift_sfm.pca.default_conf
 }
 TOP_LEVEL = ("name", "output")
+#: the component of a section that names none
+DEFAULT_COMPONENT = {"keypoints": "dog", "featurizer": "sift", "matcher": "mnn"}
 
 confs: dict[str, dict[str, Any]] = {
     # Classical offline baseline: DoG + RootSIFT, matched as hloc's NN-ratio does for SIFT.
@@ -99,7 +101,9 @@ def parse_value(text: str) -> Any:
 
 
 def _unknown(kind: str, key: str, valid: list[str]) -> ConfError:
-    close = difflib.get_close_matches(key.split(".")[-1], valid, n=1)
+    leaf = key.split(".")[-1]
+    close = [v for v in valid if leaf and v.startswith(leaf)] or difflib.get_close_matches(
+        leaf, valid, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfError(f"Unknown {kind} '{key}'.{hint} Valid: {', '.join(sorted(valid))}.")
 
@@ -122,7 +126,7 @@ def _check_type(key: str, value: Any, default: Any) -> None:
 
 def _section(section: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """Complete one section: its component's defaults, then ``given`` (checked against them)."""
-    name = given.get("name")
+    name = given.get("name", DEFAULT_COMPONENT.get(section))
     defaults = SECTIONS[section](name)
     if name is not None:
         defaults["name"] = name

@@ -4,10 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+import multiprocessing as mp
+import os
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
+from itertools import islice
 from pathlib import Path
 from typing import TypeVar
 
@@ -30,21 +37,6 @@ from .progress import progress
 logger = logging.getLogger("dift_sfm")
 
 T = TypeVar("T")
-
-
-def prefetch(items: list[str], load: Callable[[str], T],
-             depth: int = 2) -> Iterator[tuple[str, Future]]:
-    """Yield (item, future of load(item)) with ``depth`` loads running ahead in a thread.
-
-    Image decoding releases the GIL, so loading overlaps with the featurizer's compute.
-    """
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        futures = [(item, pool.submit(load, item)) for item in items[:depth]]
-        for i in range(len(items)):
-            if i + depth < len(items):
-                futures.append((items[i + depth], pool.submit(load, items[i + depth])))
-            yield futures[i]
-            futures[i] = (futures[i][0], None)  # type: ignore[assignment]
 
 
 #: Conf sections stored in a features file: all of them, so `match` can use them as written.
@@ -115,30 +107,180 @@ def prepare_image(image: np.ndarray, conf: dict, name: str | None = None) -> Pre
     return PreparedImage(name or "", (w, h), resized, kpts, kpts_r)
 
 
+def default_workers() -> int:
+    """Default size of the image-preparation pool: one worker per core, at most 8."""
+    return min(8, os.cpu_count() or 1)
+
+
+def load_prepared(image_dir: Path, name: str, conf: dict) -> PreparedImage | ImageReadError:
+    """Read ``image_dir / name`` and ``prepare_image`` it; an unusable image gives its error.
+
+    Top-level (picklable) so that a process pool can run it.
+    """
+    try:
+        return prepare_image(read_image(image_dir / name), conf, name)
+    except ImageReadError as err:
+        return err
+
+
+def ordered_map(fn: Callable[[str], T], items: Sequence[str], pool: Executor,
+                depth: int) -> Iterator[T]:
+    """``fn(item)`` for every item, in order, with at most ``depth`` calls submitted ahead.
+
+    Memory stays bounded whatever the number of items: at most ``depth`` results exist
+    besides the one just yielded. Exceptions of ``fn`` are raised at the item's place.
+    Closing the iterator cancels the calls not yet started.
+    """
+    pending: deque[Future] = deque()
+    it = iter(items)
+    try:
+        for item in islice(it, max(1, depth)):
+            pending.append(pool.submit(fn, item))
+        while pending:
+            result = pending.popleft().result()
+            for item in islice(it, 1):
+                pending.append(pool.submit(fn, item))
+            yield result
+    finally:
+        for future in pending:
+            future.cancel()
+
+
+def run_ahead(items: Iterator[T], depth: int, name: str = "dift-sfm-ahead") -> Iterator[T]:
+    """Iterate ``items`` in a background thread, up to ``depth`` items ahead of the consumer.
+
+    The items are handed over through a bounded queue, in order; an exception of the producer
+    is raised in the consumer at its place. Closing the returned iterator (or an exception in
+    the consumer) stops the producer at its next item.
+    """
+    handoff: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def put(payload: tuple[bool, object]) -> bool:
+        while not stop.is_set():
+            try:
+                handoff.put(payload, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce() -> None:
+        try:
+            for item in items:
+                if not put((True, item)):
+                    return
+            put((False, None))
+        except BaseException as err:  # handed to the consumer, raised there
+            put((False, err))
+        finally:
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
+
+    thread = threading.Thread(target=produce, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = handoff.get()
+            if ok:
+                yield item  # type: ignore[misc]
+            elif item is None:
+                return
+            else:
+                raise item  # type: ignore[misc]
+    finally:
+        stop.set()
+        thread.join(timeout=10.0)
+
+
 class LocalBackend:
-    """Describes images in this process: reading runs ahead in a thread, then keypoints and the
-    featurizer (batches of ``featurizer.batch_size`` images).
+    """Describes images on this machine, as a pipeline.
+
+    With ``num_workers > 0``: a pool of ``num_workers`` threads (or processes) reads, resizes
+    and detects keypoints of the next images (``load_prepared``), at most ``prefetch`` images
+    ahead; a describe thread runs the featurizer on batches of ``featurizer.batch_size``
+    prepared images, handing finished outcomes to the caller (who writes them) through a
+    bounded queue, so neither preparation nor writing waits for the featurizer or each other.
+    With ``num_workers=0`` every step runs one after another in the calling thread.
+
+    Both give identical outcomes in identical order: the same functions run on the same
+    inputs, and batches are formed the same way (an unreadable image ends the current batch).
 
     ``__call__(names)`` yields one ``Outcome`` per name, in order. The featurizer is built on
-    first use (a run with nothing to do never loads a model).
+    first use (a run with nothing to do never loads a model), while the pool already prepares
+    the first images.
+
+    Args:
+        conf: a complete conf (``dift_sfm.confs.get_conf``).
+        image_dir: root of the images.
+        featurizer: a ready featurizer to reuse (else built from ``conf['featurizer']``).
+        num_workers: size of the preparation pool (None: ``default_workers()``, one per core
+            up to 8; 0: no pool, no threads).
+        worker_type: 'thread' (OpenCV decoding, resizing and DoG release the GIL) or
+            'process' (spawned processes; for detectors that hold the GIL).
+        prefetch: prepared images held ahead of the featurizer at most (None: twice the
+            workers plus one batch). Bounds memory: each holds its resized float32 image.
     """
 
-    def __init__(self, conf: dict, image_dir: Path, featurizer: Featurizer | None = None):
-        self.conf, self.image_dir, self.featurizer = conf, image_dir, featurizer
+    def __init__(self, conf: dict, image_dir: Path, featurizer: Featurizer | None = None,
+                 num_workers: int | None = None, worker_type: str = "thread",
+                 prefetch: int | None = None):
+        if worker_type not in ("thread", "process"):
+            raise DiftSfmError(f"Unknown worker type '{worker_type}': use 'thread' or 'process'.")
+        self.conf, self.image_dir, self.featurizer = conf, Path(image_dir), featurizer
+        self.num_workers = default_workers() if num_workers is None else max(0, int(num_workers))
+        self.worker_type = worker_type
+        self.prefetch = prefetch
+
+    def _batch_size(self) -> int:
+        return max(1, int(getattr(self.featurizer, "batch_size", 1) or 1))
+
+    def _featurizer(self) -> Featurizer:
+        if self.featurizer is None:
+            self.featurizer = get_featurizer(self.conf["featurizer"])
+        return self.featurizer
 
     def __call__(self, names: list[str]) -> Iterator[Outcome]:
         if not names:
             return
-        featurizer = self.featurizer = self.featurizer or get_featurizer(self.conf["featurizer"])
-        batch_size = max(1, int(getattr(featurizer, "batch_size", 1) or 1))
+        if self.num_workers == 0:
+            self._featurizer()
+            prepared = ((n, load_prepared(self.image_dir, n, self.conf)) for n in names)
+            yield from self._describe_stream(prepared)
+            return
+        yield from self._pipelined(names)
+
+    def _pipelined(self, names: list[str]) -> Iterator[Outcome]:
+        if self.worker_type == "process":
+            pool: Executor = ProcessPoolExecutor(self.num_workers,
+                                                 mp_context=mp.get_context("spawn"))
+        else:
+            pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="dift-sfm-prepare")
+        try:
+            batch_size = max(1, int(self.conf["featurizer"].get("batch_size") or 1))
+            depth = self.prefetch or 2 * self.num_workers + batch_size
+            load = partial(load_prepared, self.image_dir, conf=self.conf)
+            prepared = zip(names, ordered_map(load, names, pool, depth), strict=True)
+            self._featurizer()  # the pool prepares the first images meanwhile
+            # outcomes are small (keypoints, descriptors): a few batches of slack for writing
+            yield from run_ahead(self._describe_stream(prepared), 2 * self._batch_size() + 2,
+                                 "dift-sfm-describe")
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+
+    def _describe_stream(
+            self, prepared: Iterable[tuple[str, PreparedImage | ImageReadError]]
+    ) -> Iterator[Outcome]:
+        """Outcomes of prepared images, in order; the featurizer sees batches of them."""
+        batch_size = self._batch_size()
         batch: list[PreparedImage] = []
-        for name, future in prefetch(names, lambda n: read_image(self.image_dir / n)):
-            try:
-                batch.append(prepare_image(future.result(), self.conf, name))
-            except ImageReadError as err:
+        for name, item in prepared:
+            if isinstance(item, ImageReadError):
                 yield from self._describe(batch)
-                yield name, err
+                yield name, item
                 continue
+            batch.append(item)
             if len(batch) >= batch_size:
                 yield from self._describe(batch)
         yield from self._describe(batch)
@@ -146,8 +288,8 @@ class LocalBackend:
     def _describe(self, batch: list[PreparedImage]) -> Iterator[Outcome]:
         if not batch:
             return
-        descs = self.featurizer.describe_batch([b.resized for b in batch],
-                                               [b.keypoints_resized for b in batch])
+        descs = self._featurizer().describe_batch([b.resized for b in batch],
+                                                  [b.keypoints_resized for b in batch])
         for item, desc in zip(batch, descs, strict=True):
             yield item.name, Described(item.name, item.image_size, item.keypoints, desc)
         batch.clear()

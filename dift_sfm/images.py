@@ -150,12 +150,6 @@ def read_image(path: Path | str, grayscale: bool = False) -> np.ndarray:
     return rgb
 
 
-def image_size(path: Path | str) -> tuple[int, int]:
-    """(W, H) of an image file on the raw pixel grid (reads the image)."""
-    img = read_image(path)
-    return img.shape[1], img.shape[0]
-
-
 def resize_max(image: np.ndarray, max_size: int | None) -> tuple[np.ndarray, tuple[float, float]]:
     """Downscale so the longer side is at most ``max_size`` (never upscales).
 
@@ -170,11 +164,3 @@ def resize_max(image: np.ndarray, max_size: int | None) -> tuple[np.ndarray, tup
     nw, nh = max(1, round(w * ratio)), max(1, round(h * ratio))
     resized = cv2.resize(image, (nw, nh), interpolation=cv2.INTER_AREA)
     return resized, (w / nw, h / nh)
-
-
-def to_original(keypoints: np.ndarray, scale: tuple[float, float]) -> np.ndarray:
-    """Map keypoints (N, 2) from a resized image back to original pixels (centres at integers)."""
-    if scale == (1.0, 1.0):
-        return keypoints
-    s = np.asarray(scale, dtype=np.float32)
-    return ((keypoints + 0.5) * s - 0.5).astype(np.float32)

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 
 from .errors import DiftSfmError
+from .geometry import scale_pixel_coords
 
 
 @dataclass
@@ -39,8 +40,8 @@ class Keypoints:
         """Map to another frame: x' = (x + 0.5) * sx - 0.5 (sizes scale with the mean scale)."""
         s = np.asarray(scale, np.float32)
         sizes = None if self.sizes is None else self.sizes * float(s.mean())
-        return Keypoints(((self.xy + 0.5) * s - 0.5).astype(np.float32), self.scores, sizes,
-                         self.angles)
+        xy = scale_pixel_coords(np.asarray(self.xy, np.float32), s)
+        return Keypoints(xy, self.scores, sizes, self.angles)
 
 
 def _to_uint8_gray(image: np.ndarray) -> np.ndarray:

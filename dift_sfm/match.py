@@ -92,8 +92,7 @@ def conf_for_matching(feature_path: Path | str, name: str | None = None,
         if stored is None:  # e.g. written by hloc: plain mutual NN on cosine similarity
             logger.info("Features file %s records no conf: matching with plain MNN.",
                         feature_path)
-            return resolve_conf({"name": "foreign", "featurizer": {"name": "sift"},
-                                 "matcher": {"name": "mnn"}}, overrides)
+            return resolve_conf({"name": "foreign"}, overrides)
         return resolve_conf({k: v for k, v in stored.items() if k != "output"}, overrides)
     conf = get_conf(name, overrides)
     if stored is not None:

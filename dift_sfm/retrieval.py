@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 
 from .errors import DiftSfmError, FormatError
-from .formats.h5store import open_h5
+from .formats.features import FeaturesReader
 from .images import read_image
 from .progress import progress
 
@@ -47,13 +47,8 @@ def _signed_sqrt(x: np.ndarray) -> np.ndarray:
 def read_all_descriptors(feature_path: Path | str, names: list[str]) -> list[np.ndarray]:
     """(N_i, D) float32 L2-normalised local descriptors of each image (one file open)."""
     feature_path = Path(feature_path)
-    out = []
-    with open_h5(feature_path) as f:
-        for name in names:
-            group = f.get(name)
-            if group is None or "descriptors" not in group:
-                raise FormatError(f"Image '{name}' has no descriptors in {feature_path}.")
-            out.append(_l2(np.asarray(group["descriptors"][()], np.float32).T))
+    with FeaturesReader(feature_path) as features:
+        out = [_l2(features.descriptors(name)) for name in names]
     dims = {d.shape[1] for d in out}
     if len(dims) > 1:
         raise FormatError(f"Features file {feature_path} mixes descriptor sizes {sorted(dims)}.")

@@ -11,9 +11,11 @@ database in a temporary file and atomically replaces ``sfm_dir/database.db`` wit
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -24,11 +26,16 @@ from .colmap.database import (
     import_into_database,
     remove_database,
 )
-from .colmap.mapping import ReconstructionSummary, run_mapping, summarize_model, verify_database
+from .colmap.mapping import (
+    ReconstructionSummary,
+    follow_log_level,
+    run_mapping,
+    summarize_model,
+    verify_database,
+)
 from .errors import DiftSfmError, FormatError, PartialFailure
 from .extract import extract_features
 from .formats.features import list_names
-from .formats.matches import MatchesReader
 from .images import resolve_image_list
 from .match import match_features
 from .pairs import PAIR_STRATEGIES, exhaustive_pairs, read_pairs, sequential_pairs, write_pairs
@@ -65,6 +72,8 @@ def reconstruct(
     """
     sfm_dir, image_dir = Path(sfm_dir), Path(image_dir)
     sfm_dir.mkdir(parents=True, exist_ok=True)
+    follow_log_level()
+    timings: dict[str, float] = {}
     names = sorted(image_list) if image_list is not None else list_names(features)
     if not names:
         raise FormatError(f"Features file {features} holds no image.")
@@ -73,10 +82,12 @@ def reconstruct(
     tmp = sfm_dir / "database.db.tmp"
     remove_database(tmp)
     try:
-        create_database(tmp, image_dir, names, camera_mode, camera_model)
-        import_into_database(tmp, features, matches, pairs)
+        with timed(timings, "database"):
+            create_database(tmp, image_dir, names, camera_mode, camera_model)
+            import_into_database(tmp, features, matches, pairs)
         logger.info("Geometric verification...")
-        verified = verify_database(tmp, verification_options)
+        with timed(timings, "verification"):
+            verified = verify_database(tmp, verification_options)
     except BaseException:
         remove_database(tmp)
         raise
@@ -84,8 +95,10 @@ def reconstruct(
     # A stale rollback journal beside the old file would be "replayed" into the new one.
     database.with_name(database.name + "-journal").unlink(missing_ok=True)
     os.replace(tmp, database)
-    models = run_mapping(database, image_dir, sfm_dir, min_model_size, mapper_options)
+    with timed(timings, "mapping"):
+        models = run_mapping(database, image_dir, sfm_dir, min_model_size, mapper_options)
     summary = summarize_model(models[0], database, sfm_dir, len(models), failed_images)
+    summary.timings = timings
     logger.info("Model %s: %d/%d images registered, %d points, mean track length %.2f, mean "
                 "reprojection error %.3f px.", sfm_dir / "sparse" / "0", summary.num_registered,
                 summary.num_images, summary.num_points3D, summary.mean_track_length,
@@ -93,17 +106,14 @@ def reconstruct(
     return models[0], summary
 
 
-def _check_matcher(match_path: Path, conf: dict, overwrite: bool) -> None:
-    """Refuse to extend a matches file written with other matcher settings."""
-    if overwrite or not match_path.exists():
-        return
-    with MatchesReader(match_path) as reader:
-        old = reader.attrs.get("matcher_json")
-    if old is None:
-        return
-    if json.loads(str(old)) != conf["matcher"]:
-        raise FormatError(f"Matches file {match_path} was written with other matcher settings "
-                          f"({old}). Use --overwrite to recompute it, or another --output.")
+@contextmanager
+def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
+    """Add the wall time of the ``with`` block to ``timings[stage]``."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
 
 
 def make_pairs(strategy: str, names: list[str], output: Path, feature_path: Path,
@@ -180,8 +190,10 @@ def run_pipeline(
     output.mkdir(parents=True, exist_ok=True)
     features = output / f"{conf['output']}.h5"
     failed: dict[str, str] = {}
+    timings: dict[str, float] = {}
     try:
-        extract_features(conf, image_dir, features, image_list=names, overwrite=overwrite)
+        with timed(timings, "extract"):
+            extract_features(conf, image_dir, features, image_list=names, overwrite=overwrite)
     except PartialFailure as err:
         failed = dict(err.failures)
         logger.error("Continuing without %d unreadable image(s): %s", len(failed),
@@ -191,11 +203,14 @@ def run_pipeline(
     if len(ok) < 2:
         raise DiftSfmError(f"Only {len(ok)} readable image(s) in {image_dir}: nothing to "
                            "reconstruct.")
-    pairs_path = make_pairs(pairs, ok, output, features, image_dir, window, num_neighbors,
-                            retrieval_method, skip=set(failed))
+    with timed(timings, "pairs"):
+        pairs_path = make_pairs(pairs, ok, output, features, image_dir, window, num_neighbors,
+                                retrieval_method, skip=set(failed))
     matches = output / f"{conf['output']}_matches.h5"
-    _check_matcher(matches, conf, overwrite)
-    match_features(conf, pairs_path, features, matches, overwrite=overwrite)
-    return reconstruct(output, image_dir, pairs_path, features, matches, camera_mode,
-                       camera_model, image_list=ok, min_model_size=min_model_size,
-                       failed_images=failed)
+    with timed(timings, "match"):
+        match_features(conf, pairs_path, features, matches, overwrite=overwrite)
+    model, summary = reconstruct(output, image_dir, pairs_path, features, matches, camera_mode,
+                                 camera_model, image_list=ok, min_model_size=min_model_size,
+                                 failed_images=failed)
+    summary.timings = {**timings, **summary.timings}
+    return model, summary

@@ -227,3 +227,51 @@ def test_oom_halves_chunk(monkeypatch):
     out, chunk = _dift_features(model, image, 41, 9, noise, None, False)
     assert chunk == 1
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+
+
+@needs_small
+def test_compile_path_and_eager_fallback(monkeypatch, caplog):
+    """compile=True traces ``features`` (dynamo, eager backend here: no C++/triton on CI) and
+    a compiler failure on the first call falls back to eager with a warning, same features."""
+    import logging
+
+    from dift_sfm.featurizers import base
+
+    conf = {"name": "adm", "model": str(SMALL_WEIGHTS), "img_size": [64, 64], "ensemble": 2,
+            "device": "cpu", "output_block": 7}
+    image = np.random.default_rng(2).random((64, 64, 3), dtype=np.float32)
+    eager = get_featurizer(conf)
+    assert not eager.compiler.active and not eager.channels_last  # auto: off on CPU
+    ref = eager.dense(image).features
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(base.Compiler, "_options", lambda self: {"backend": "eager"})
+    traced = get_featurizer({**conf, "compile": True})
+    assert traced.compiler.active
+    torch.testing.assert_close(traced.dense(image).features, ref, rtol=1e-5, atol=1e-6)
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no C++ compiler (test)")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(base.Compiler, "_options", lambda self: {"backend": broken})
+    failing = get_featurizer({**conf, "compile": True, "channels_last": True})
+    with caplog.at_level(logging.WARNING, logger="dift_sfm"):
+        got = failing.dense(image).features
+    assert "running it eagerly" in caplog.text and not failing.compiler.active
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_img_size_reading():
+    """``img_size`` is read as for DIFT-SD: null = the image's size, an int = longer side."""
+    model = _random_model(TINY_FLAGS)
+    from dift_sfm.featurizers.adm import ADMFeaturizer
+
+    feat = ADMFeaturizer.__new__(ADMFeaturizer)
+    feat.model = model
+    assert model.config.size_multiple == 2
+    for spec, want in ((None, (100, 70)), (96, (96, 68)), ([64, None], (64, 44)),
+                       ([96, 32], (96, 32))):
+        feat.conf = {"img_size": spec}
+        assert feat.input_size((100, 70)) == want

@@ -5,7 +5,8 @@ from conftest import texture
 from PIL import Image
 
 from dift_sfm.errors import DiftSfmError, ImageReadError
-from dift_sfm.images import list_images, read_image, resize_max, resolve_image_list, to_original
+from dift_sfm.geometry import scale_pixel_coords
+from dift_sfm.images import list_images, read_image, resize_max, resolve_image_list
 
 
 @pytest.mark.parametrize("ext", [".jpg", ".png", ".ppm", ".tif", ".bmp"])
@@ -82,7 +83,7 @@ def test_resize_max_maps_back_to_original():
     small, scale = resize_max(img, 100)
     assert small.shape == (75, 100, 3) and scale == (4.0, 4.0)
     # the centre of the resized image is the centre of the original
-    centre = to_original(np.array([[49.5, 37.0]], np.float32), scale)
+    centre = scale_pixel_coords(np.array([[49.5, 37.0]], np.float32), scale)
     assert np.allclose(centre, [[199.5, 149.5]])
     same, s1 = resize_max(img, 1000)
     assert same is img and s1 == (1.0, 1.0)

@@ -473,3 +473,43 @@ def test_extract_batches_images_with_identical_results(tiny: Path, tmp_path: Pat
             np.testing.assert_array_equal(a[name]["keypoints"][()], b[name]["keypoints"][()])
             np.testing.assert_allclose(a[name]["descriptors"][()], b[name]["descriptors"][()],
                                        atol=1e-5)
+
+
+def test_compiled_blocks_equal_eager(tiny: Path, embeds_file: Path, monkeypatch, caplog):
+    """compile_sd traces the blocks that run (dynamo; eager backend: no C++/triton here) with
+    the early-exit hook in place; a failing compiler falls back to eager on the first call."""
+    from dift_sfm.featurizers import base
+
+    img = texture(64, 64).astype(np.float32) / 255
+    f = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64])
+    assert not f.compiler.active and not f.channels_last  # compile/channels_last auto: CPU off
+    want = f.dense(img).features
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(base.Compiler, "_options", lambda self: {"backend": "eager"})
+    traced = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64], compile=True)
+    assert traced.compiler.active
+    torch.testing.assert_close(traced.dense(img).features, want, rtol=1e-5, atol=1e-6)
+
+    def broken(gm, example_inputs):
+        raise RuntimeError("no triton (test)")
+
+    torch._dynamo.reset()
+    monkeypatch.setattr(base.Compiler, "_options", lambda self: {"backend": broken})
+    failing = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64], compile=True)
+    with caplog.at_level(logging.WARNING, logger="dift_sfm"):
+        got = failing.dense(img).features
+    assert "running it eagerly" in caplog.text and not failing.compiler.active
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_batch_size_sets_default_chunk(tiny: Path, embeds_file: Path):
+    f = _featurizer(tiny, prompt_embeds=str(embeds_file), ensemble=2, batch_size=3)
+    assert f.batch_size == 3 and f.chunk_size == 6
+
+
+def test_load_time_is_logged(tiny: Path, embeds_file: Path, caplog):
+    with caplog.at_level(logging.INFO, logger="dift_sfm"):
+        load_sd_model(tiny, prompt_embeds=embeds_file)
+    assert "Loaded" in caplog.text and " s." in caplog.text

@@ -200,10 +200,18 @@ def _read_features(features: FeaturesReader,
 
 
 def _read_pair_matches(matches: MatchesReader, pairs: list[tuple[str, str]],
-                       num_kpts: dict[str, int]) -> list[np.ndarray]:
-    """(M, 2) int64 keypoint index pairs per pair, validated against the keypoint counts."""
+                       num_kpts: dict[str, int],
+                       fingerprints: dict[str, str]) -> list[np.ndarray]:
+    """(M, 2) int64 keypoint index pairs per pair, validated against the features: the
+    fingerprints the pair records (dift-sfm files), else the keypoint counts (any file)."""
     out = []
     for name0, name1 in pairs:
+        recorded = matches.provenance(name0, name1)
+        if recorded is not None and recorded != (fingerprints[name0], fingerprints[name1]):
+            raise FormatError(
+                f"Matches of ({name0}, {name1}) in {matches.path} were computed from other "
+                "features than the features file's (other keypoints or descriptors): re-run "
+                "`dift-sfm match` with this features file (--overwrite).")
         m, _, rev, n_stored = matches_in(matches.file, name0, name1, matches.path)
         first = name1 if rev else name0  # the image whose matches0 is stored
         if n_stored != num_kpts[first] or (len(m) and (
@@ -304,6 +312,7 @@ def _import(con: sqlite3.Connection, database: Path, features: Path, matches: Pa
 
     with FeaturesReader(features) as reader:
         feats = _read_features(reader, names)
+        fingerprints = {n: reader.fingerprint(n) for n in {n for p in pairs for n in p}}
     for name, (_, size) in feats.items():
         if size != cam_size[name]:
             raise DatabaseError(
@@ -312,7 +321,7 @@ def _import(con: sqlite3.Connection, database: Path, features: Path, matches: Pa
                 f"{size[1]} image: not the same image, or a resized copy.")
     num_kpts = {n: len(k) for n, (k, _) in feats.items()}
     with MatchesReader(matches) as reader:
-        pair_matches = _read_pair_matches(reader, pairs, num_kpts)
+        pair_matches = _read_pair_matches(reader, pairs, num_kpts, fingerprints)
 
     if overwrite:
         placeholders = ",".join("?" * len(ids))

@@ -38,6 +38,7 @@ class ReconstructionSummary:
     num_verified_pairs: int
     unregistered: list[str] = field(default_factory=list)
     failed_images: dict[str, str] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
 
     def format(self) -> str:
         lines = [
@@ -54,7 +55,16 @@ class ReconstructionSummary:
             lines.append(f"  not registered: {', '.join(self.unregistered)}")
         if self.failed_images:
             lines.append(f"  skipped (unreadable): {', '.join(self.failed_images)}")
+        if self.timings:
+            lines.append("  time per stage          " + ", ".join(
+                f"{stage} {seconds:.1f} s" for stage, seconds in self.timings.items()))
         return "\n".join(lines)
+
+
+def follow_log_level() -> None:
+    """COLMAP's own log lines follow dift-sfm's: `-q` (WARNING) keeps only its errors."""
+    quiet = logging.getLogger("dift_sfm").getEffectiveLevel() > logging.INFO
+    pycolmap.logging.minloglevel = 2 if quiet else 0
 
 
 def verify_database(database: Path | str,

@@ -34,6 +34,8 @@ HPATCHES_EXCLUDED = (
     "v_artisans", "v_astronautis", "v_talent",
 )
 OXFORD_PHOTOMETRIC = ("leuven", "bikes", "trees", "ubc")
+#: ``subset`` values of :func:`find_sequences`: every sequence, or the standard 108.
+SUBSETS = ("full", "108")
 #: The categories of homography pairs, and "all" (the benchmarks report each).
 CATEGORIES = ("illumination", "viewpoint", "all")
 
@@ -122,7 +124,7 @@ def gt_path(seq: Sequence, k: int) -> Path:
 def find_sequences(roots: Path | list[Path], subset: str = "full") -> list[Sequence]:
     """All sequences under ``roots`` (each a folder of sequences, or one sequence folder),
     sorted by name. ``subset="108"`` drops :data:`HPATCHES_EXCLUDED`."""
-    if subset not in ("full", "108"):
+    if subset not in SUBSETS:
         raise DatasetError(f"Unknown subset '{subset}', use 'full' or '108'.")
     roots = [Path(r) for r in ([roots] if isinstance(roots, (str, Path)) else roots)]
     found: dict[str, Sequence] = {}

@@ -45,6 +45,7 @@ from ..geometry import HOMOGRAPHY_METHODS, estimate_homography, scale_homography
 from ..match import match_features
 from ..pairs import write_pairs
 from ..progress import progress
+from . import PROTOCOLS
 from .cache import conf_tag, resize_short_side, resized_name, write_scaled_keypoints
 from .datasets import CATEGORIES, HomographyPair, common_base, find_sequences, homography_pairs
 from .metrics import ACC_THRESHOLDS, MMA_THRESHOLDS, corner_error, error_auc, match_precision
@@ -52,7 +53,6 @@ from .report import hpatches_plots, hpatches_table
 
 logger = logging.getLogger("dift_sfm")
 
-PROTOCOLS = ("dift", "gluefactory", "mma")
 GF_AUTO_THRESHOLDS = (0.5, 1.0, 1.5, 2.0, 2.5, 3.0)
 
 #: Protocol settings (the DIFT-protocol estimator defaults per conf: :func:`default_estimator`).
@@ -350,6 +350,5 @@ def run_hpatches(
     table = hpatches_table(results)
     (output / "results.md").write_text(table)
     hpatches_plots(results, output, base, num_viz, files)
-    logger.info("HPatches results:\n%s", table)
     logger.info("Wrote %s, results.md and plots.", output / "results.json")
     return results

@@ -98,5 +98,5 @@ def run_pose_benchmark(
     (output / "results.json").write_text(json.dumps(results, indent=1))
     table = pose_table(results)
     (output / "results.md").write_text(table)
-    logger.info("Relative pose results:\n%s", table)
+    logger.info("Wrote %s and results.md.", output / "results.json")
     return results

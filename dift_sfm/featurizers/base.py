@@ -255,16 +255,18 @@ class Compiler:
     logged warning and ``fn()`` is run again. Out-of-memory and DiftSfmError pass through.
     """
 
-    def __init__(self, what: str, mode: str | None = None):
-        self.what, self.mode = what, mode
+    def __init__(self, what: str, mode: str | None = None, backend: str | Callable = "inductor"):
+        self.what, self.mode, self.backend = what, mode, backend
         self._undo: list[Callable[[], None]] = []
 
     @property
     def active(self) -> bool:
+        """Whether something is compiled (False again after a fallback to eager)."""
         return bool(self._undo)
 
     def _options(self) -> dict[str, Any]:
-        return {"dynamic": False, **({"mode": self.mode} if self.mode else {})}
+        return {"dynamic": False, "backend": self.backend,
+                **({"mode": self.mode} if self.mode else {})}
 
     def module(self, module: torch.nn.Module) -> None:
         """Compile ``module``'s calls (its hooks stay outside the compiled graph's caller)."""

@@ -8,14 +8,16 @@ crash the next run salvages every complete entry of the shards, so finished work
 and readers of the output only ever see a complete file.
 
 One writer at a time: the writer holds an exclusive lock on ``<output>.lock`` (``flock``,
-released by the OS when the process dies, so a ``kill -9`` never leaves it stuck); a second
-writer of the same output gets an OutputLockedError at once.
+released by the OS when the process dies, so a ``kill -9`` never leaves it stuck: the file
+that remains is not a lock by itself); a second writer of the same output gets an
+OutputLockedError at once.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterable
@@ -73,6 +75,10 @@ class OutputLockedError(DiftSfmError):
     """Another process is writing the same output."""
 
 
+class OutputWriteError(DiftSfmError):
+    """The operating system refused a write (disk full, quota, read-only, file too large)."""
+
+
 def check_writable(folder: Path) -> None:
     """Fail before any work when ``folder`` cannot be created or written to."""
     try:
@@ -85,26 +91,41 @@ def check_writable(folder: Path) -> None:
 
 
 class OutputLock:
-    """An exclusive, non-blocking lock on ``<path>.lock``, held until ``release``."""
+    """An exclusive, non-blocking lock on ``<path>.lock``, held until ``release``.
+
+    The lock file is removed on release; a writer that locked a file another one just
+    removed notices (the inode changed) and locks the new file instead.
+    """
 
     def __init__(self, path: Path):
         self.path = path.with_name(path.name + ".lock")
         check_writable(self.path.parent)
-        self._fd: int | None = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        if fcntl is None:
-            return
-        try:
-            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(self._fd)
-            self._fd = None
-            raise OutputLockedError(
-                f"Another dift-sfm process is writing {path} (lock {self.path}). Wait for it "
-                "to finish, or write to another output.") from err
+        self._fd: int | None = None
+        while self._fd is None:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            if fcntl is None:
+                self._fd = fd
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                raise OutputLockedError(
+                    f"Another dift-sfm process is writing {path} (lock {self.path}). Wait for "
+                    "it to finish, or write to another output.") from err
+            try:
+                same = os.stat(self.path).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                self._fd = fd
+            else:
+                os.close(fd)
 
     def release(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)  # closing drops the flock; the lock file itself stays harmlessly
+            self.path.unlink(missing_ok=True)
+            os.close(self._fd)  # closing drops the flock
             self._fd = None
 
 
@@ -208,8 +229,26 @@ class ShardedH5Writer:
         os.replace(self._shard_path, self._shard_path.with_suffix(".h5"))
         self._shard = None
 
+    def _write_error(self, err: Exception) -> OutputWriteError:
+        """HDF5 wraps the OS error in long messages (OSError or RuntimeError): keep the cause."""
+        text = str(err)
+        found = re.search(r"error message = '([^']+)'", text)
+        code = re.search(r"errno = (\d+)", text)
+        reason = found.group(1) if found else getattr(err, "strerror", None) or text[:120]
+        reason += f", errno {code.group(1)}" if code else ""
+        return OutputWriteError(
+            f"Could not write {self.path} ({reason}). Finished entries are "
+            f"kept in {self.parts}/; free some space (or fix the folder) and re-run the same "
+            "command to continue.")
+
     def write(self, key: str, datasets: dict[str, np.ndarray], attrs: dict | None = None) -> None:
         """Write one entry: group ``key`` (may contain '/') holding ``datasets``."""
+        try:
+            self._write(key, datasets, attrs)
+        except (OSError, RuntimeError) as err:
+            raise self._write_error(err) from err
+
+    def _write(self, key: str, datasets: dict[str, np.ndarray], attrs: dict | None) -> None:
         f = self._open_shard()
         if key in f:
             del f[key]
@@ -229,6 +268,13 @@ class ShardedH5Writer:
 
         With ``drop_existing`` the old output's entries are discarded (a fresh file).
         """
+        try:
+            self._finalize(drop_existing)
+        except (OSError, RuntimeError) as err:
+            self.path.with_name(self.path.name + ".merging").unlink(missing_ok=True)
+            raise self._write_error(err) from err
+
+    def _finalize(self, drop_existing: bool) -> None:
         self._close_shard()
         shards = self._shards()
         if not shards and self.path.exists() and not drop_existing and not self._attrs_changed():
@@ -280,7 +326,7 @@ class ShardedH5Writer:
         """Close the open shard without merging (work stays in shards for the next run)."""
         try:
             self._close_shard()
-        except OSError as err:  # e.g. disk full: the shard being written is dropped next run
+        except (OSError, RuntimeError) as err:  # disk full: the open shard is salvaged next run
             logger.warning("Could not close shard %s (%s); earlier shards are kept.",
                            self._shard_path, err)
             self._shard = None

@@ -79,13 +79,21 @@ def setup_compile_cache() -> Path:
     """Make ``torch.compile`` results persistent under ``cache_dir()/torch_compile``.
 
     Sets ``TORCHINDUCTOR_CACHE_DIR`` (inductor's FX-graph and triton kernel caches live below it)
-    unless the user set it, and enables the FX-graph and AOTAutograd caches, so a second process
-    on the same machine reuses the compiled kernels instead of compiling again.
+    unless the user set it to a folder of their own, and enables the FX-graph and AOTAutograd
+    caches, so a second process on the same machine reuses the compiled kernels.
     """
-    folder = Path(os.environ.get("TORCHINDUCTOR_CACHE_DIR") or cache_dir() / "torch_compile")
+    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    try:  # inductor writes its /tmp default into the variable once it has used it
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        if given and os.path.abspath(given) == os.path.abspath(default_cache_dir()):
+            given = None
+    except Exception:
+        pass
+    folder = Path(given or cache_dir() / "torch_compile")
     try:
         folder.mkdir(parents=True, exist_ok=True)
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(folder))
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
     except OSError as err:
         logger.warning("Cannot create the compile cache %s (%s): compiling will not be "
                        "reused across runs.", folder, err)

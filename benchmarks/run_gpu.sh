@@ -1,0 +1,251 @@
+#!/usr/bin/env bash
+# One command for every GPU figure of dift-sfm: featurizer benchmarks (public algorithm vs ours,
+# DIFT-SD and DIFT-ADM, random weights of the real architectures), end-to-end `dift-sfm extract`
+# rates on a folder of photos (random-weight models written here), and the matching rate.
+# Prints one summary table at the end; every step's raw output is kept in $OUT.
+#
+#   bash benchmarks/run_gpu.sh                 # CUDA machine, from the repo root (< 8 min, H100)
+#   IMAGE_DIR=/photos bash benchmarks/run_gpu.sh
+#   bash benchmarks/run_gpu.sh --smoke         # same code paths on the CPU, tiny models (< 2 min)
+#
+# Environment: OUT (default ./gpu_out), IMAGE_DIR (default: photos from ../shared/data, else
+# synthetic ones), BUDGET_S (total seconds, default 450), PYTHON, WORK (scratch folder for the
+# random models; default a temporary folder outside $OUT), SMOKE=1 (= --smoke).
+set -u
+cd "$(dirname "$0")/.."
+SMOKE=${SMOKE:-0}
+for arg in "$@"; do
+    case "$arg" in
+        --smoke) SMOKE=1 ;;
+        *) IMAGE_DIR=$arg ;;
+    esac
+done
+OUT=${OUT:-./gpu_out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+WORK=${WORK:-$(mktemp -d "${TMPDIR:-/tmp}/dift_gpu.XXXXXX")}
+mkdir -p "$WORK"
+BUDGET_S=${BUDGET_S:-450}
+START=$(date +%s)
+if [ -z "${PYTHON:-}" ]; then
+    if [ -x .venv/bin/python ]; then PYTHON=.venv/bin/python; else PYTHON=$(command -v python || command -v python3); fi
+fi
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+export DIFT_SFM_CACHE=${DIFT_SFM_CACHE:-$HOME/.cache/dift_sfm}  # holds the torch.compile cache
+export HF_HUB_OFFLINE=1
+: > "$OUT/steps.tsv"
+
+# step NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, budget left), log to $OUT/NAME.log
+step() {
+    local name=$1 cap=$2; shift 2
+    local left=$((BUDGET_S - ($(date +%s) - START)))
+    local limit=$((cap < left ? cap : left))
+    if [ "$limit" -lt 10 ]; then
+        printf '%s\tskipped\t0\n' "$name" >> "$OUT/steps.tsv"
+        echo "== $name: skipped (time budget spent)"
+        return 0
+    fi
+    echo "== $name (limit ${limit}s): $*"
+    local t0=$(date +%s)
+    timeout --kill-after=10 "$limit" "$@" > "$OUT/$name.log" 2>&1
+    local rc=$? t=$(($(date +%s) - t0))
+    local status=ok
+    [ $rc -eq 124 ] || [ $rc -eq 137 ] && status="timeout"
+    [ $rc -ne 0 ] && [ "$status" = ok ] && status="failed(rc=$rc)"
+    printf '%s\t%s\t%s\n' "$name" "$status" "$t" >> "$OUT/steps.tsv"
+    echo "   -> $status in ${t}s"
+    [ "$status" = ok ] || tail -n 5 "$OUT/$name.log" | sed 's/^/   | /'
+    return 0
+}
+
+# ------------------------------------------------------------------ setup
+if [ -d wheels ] && ls wheels/*.whl > /dev/null 2>&1; then
+    step pip_wheels 120 "$PYTHON" -m pip install --no-index --find-links wheels wheels/*.whl
+fi
+if ! "$PYTHON" -c "import dift_sfm.cli" > /dev/null 2>&1 || [ "$SMOKE" != 1 ]; then
+    step pip_editable 60 "$PYTHON" -m pip install -e . --no-deps --no-build-isolation -q
+fi
+step env 30 "$PYTHON" -c "
+import platform, torch
+print('python', platform.python_version(), 'torch', torch.__version__)
+print('cuda', torch.cuda.is_available(), torch.cuda.get_device_name() if torch.cuda.is_available() else '')
+"
+if [ "$SMOKE" = 1 ]; then
+    DEV=cpu
+    SD_BENCH=(--arch tiny --device cpu --size 64 --ensemble 2 --batch 1 4 --warmup 1 --repeats 2
+              --isolated)
+    ADM_BENCH=(--arch tiny --device cpu --size 64 --ensemble 2 --warmup 0 --repeats 1)
+    ARCH_SD=tiny; ARCH_ADM=tiny; N_IMAGES=6
+    SD_SET=(--max-keypoints 256 --set 'featurizer.img_size=[64,64]' --set featurizer.ensemble=2)
+    ADM_SET=(--max-keypoints 256 --set 'featurizer.img_size=[64,64]' --set featurizer.ensemble=2
+             --set featurizer.output_block=7)
+    MATCH_ARGS=(--device cpu --sizes 1000 --dims 128)
+else
+    DEV=cuda
+    SD_BENCH=(--device cuda --size 768 --ensemble 8 --batch 1 4 --warmup 2 --repeats 10)
+    ADM_BENCH=(--device cuda --size 768 --ensemble 4 --warmup 2 --repeats 5)
+    ARCH_SD=sd21; ARCH_ADM=adm256; N_IMAGES=32
+    SD_SET=(); ADM_SET=()
+    MATCH_ARGS=(--device cuda --sizes 4096 --dims 512 640)
+fi
+
+# ------------------------------------------------------------------ featurizer benchmarks
+step bench_sd 210 "$PYTHON" benchmarks/bench_sd.py "${SD_BENCH[@]}"
+step bench_adm 120 "$PYTHON" benchmarks/bench_adm.py "${ADM_BENCH[@]}"
+
+# ------------------------------------------------------------------ photos + random models
+IMAGES="$WORK/images"
+mkdir -p "$IMAGES"
+step images 30 "$PYTHON" - "$IMAGES" "$N_IMAGES" "${IMAGE_DIR:-}" <<'EOF'
+"""Copy up to N photos into one flat folder (IMAGE_DIR, else ../shared/data), else synthesise."""
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+out, n, given = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+exts = {".jpg", ".jpeg", ".png", ".ppm", ".bmp"}
+shared = Path("..") / "shared" / "data"
+roots = [Path(given)] if given else [shared / d for d in
+                                     ("sacre_coeur", "hpatches/v_graffiti", "oxford_affine",
+                                      "lightglue_assets", "scannet_sample")]
+found = [p for r in roots if r.is_dir() for p in sorted(r.rglob("*")) if p.suffix.lower() in exts]
+for i, p in enumerate(found[:n]):
+    shutil.copy(p, out / f"{i:03d}_{p.parent.name}_{p.name}")
+rng = np.random.default_rng(0)
+for i in range(len(found[:n]), n):  # photo-like synthetic images: smooth noise + shapes
+    h, w = 768, 1024
+    img = sum(cv2.resize(rng.random((h // s, w // s, 3)).astype(np.float32), (w, h),
+                         interpolation=cv2.INTER_CUBIC) / k for k, s in enumerate((64, 16, 4), 1))
+    img = (255 * (img - img.min()) / (img.max() - img.min())).astype(np.uint8)
+    for _ in range(60):
+        c = tuple(int(v) for v in rng.integers(0, 255, 3))
+        cv2.circle(img, tuple(int(v) for v in rng.integers(0, (w, h))), int(rng.integers(5, 80)), c, -1)
+    cv2.imwrite(str(out / f"{i:03d}_synthetic.jpg"), img)
+print(f"{len(found[:n])} photos from {[str(r) for r in roots]}, {max(0, n - len(found))} synthetic")
+EOF
+step write_sd_model 120 "$PYTHON" benchmarks/bench_sd.py --write-model "$WORK/sd-random" --arch "$ARCH_SD" --device "$DEV"
+step write_adm_model 90 "$PYTHON" benchmarks/bench_adm.py --write-model "$WORK/adm-random/adm_weights.safetensors" --arch "$ARCH_ADM" --device "$DEV"
+
+# ------------------------------------------------------------------ end to end
+# `dift-sfm ARGS` in-process, timing each featurizer call: one JSON line with the rates.
+cat > "$WORK/timed_cli.py" <<'EOF'
+"""Run `dift-sfm ARGS`; print a JSON line: wall time, time to the first featurizer result,
+images described, the steady rate after the first call, pairs matched (for `match`)."""
+import json
+import sys
+import time
+
+t0 = time.perf_counter()
+from dift_sfm.featurizers import base  # noqa: E402
+
+marks: list[tuple[float, int]] = []
+for cls in (base.Featurizer, base.DenseFeaturizer):
+    def wrap(fn):
+        def describe_batch(self, images, keypoints):
+            out = fn(self, images, keypoints)
+            marks.append((time.perf_counter(), len(images)))
+            return out
+        return describe_batch
+    cls.describe_batch = wrap(cls.__dict__["describe_batch"])
+from dift_sfm.cli import main  # noqa: E402
+
+rc = main(sys.argv[1:])
+wall = time.perf_counter() - t0
+info = {"argv": sys.argv[1:], "rc": rc, "wall_s": wall}
+if marks:
+    n = sum(k for _, k in marks)
+    info.update(images=n, first_result_s=marks[0][0] - t0, overall_img_per_s=n / wall)
+    if len(marks) > 1:
+        info["steady_img_per_s"] = (n - marks[0][1]) / (marks[-1][0] - marks[0][0])
+if sys.argv[1] == "match":
+    pairs = sum(1 for line in open(sys.argv[2]) if line.strip())
+    info.update(pairs=pairs, pairs_per_s=pairs / wall)
+print(json.dumps(info))
+sys.exit(rc)
+EOF
+SD_MODEL_ARGS=(--model "$WORK/sd-random" --set "featurizer.prompt_embeds=$WORK/sd-random/prompt_embeds.safetensors")
+step extract_sd 120 "$PYTHON" "$WORK/timed_cli.py" extract "$IMAGES" -o "$WORK/feats-sd.h5" --conf dift-sd \
+    --device "$DEV" "${SD_MODEL_ARGS[@]}" "${SD_SET[@]}" --overwrite
+step extract_sd_b4 90 "$PYTHON" "$WORK/timed_cli.py" extract "$IMAGES" -o "$WORK/feats-sd-b4.h5" --conf dift-sd \
+    --device "$DEV" "${SD_MODEL_ARGS[@]}" "${SD_SET[@]}" --set featurizer.batch_size=4 --overwrite
+step extract_adm 90 "$PYTHON" "$WORK/timed_cli.py" extract "$IMAGES" -o "$WORK/feats-adm.h5" --conf dift-adm \
+    --device "$DEV" --model "$WORK/adm-random/adm_weights.safetensors" "${ADM_SET[@]}" --overwrite
+
+# ------------------------------------------------------------------ matching
+step pairs 30 "$PYTHON" "$WORK/timed_cli.py" pairs exhaustive "$IMAGES" -o "$WORK/pairs.txt"
+step match_sd 90 "$PYTHON" "$WORK/timed_cli.py" match "$WORK/pairs.txt" --features "$WORK/feats-sd.h5" \
+    -o "$WORK/matches-sd.h5" --device "$DEV" --overwrite
+if [ -f benchmarks/bench_match_gpu.py ]; then
+    step bench_match "${MATCH_CAP:-90}" "$PYTHON" benchmarks/bench_match_gpu.py ${MATCH_BENCH_ARGS:-}
+else
+    step bench_match "${MATCH_CAP:-90}" "$PYTHON" benchmarks/bench_matcher.py "${MATCH_ARGS[@]}"
+fi
+
+# ------------------------------------------------------------------ summary
+"$PYTHON" - "$OUT" "$(( $(date +%s) - START ))" "$SMOKE" <<'EOF' | tee "$OUT/summary.md"
+"""One table from the steps' logs (their last JSON lines) and steps.tsv."""
+import json
+import sys
+from pathlib import Path
+
+out, total, smoke = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3] == "1"
+steps = [line.split("\t") for line in (out / "steps.tsv").read_text().splitlines() if line]
+
+
+def last_json(name: str):
+    path = out / f"{name}.log"
+    if not path.is_file():
+        return None
+    for line in reversed(path.read_text(errors="replace").splitlines()):
+        if line.startswith("{"):
+            try:
+                return json.loads(line)
+            except json.JSONDecodeError:
+                return None
+    return None
+
+
+rows = []
+sd = last_json("bench_sd")
+if sd:
+    res = sd["results"]
+    pub = res["public"]["ms_per_image"]
+    for v, r in res.items():
+        target = {"ours": ">= 8x, <= 4 GiB", "ours-b4": ">= 10x"}.get(v, "")
+        rows.append((f"DIFT-SD featurizer: {v}", f"{r['ms_per_image']:.1f} ms/img",
+                     f"{pub / r['ms_per_image']:.2f}x, {r['peak_mem_bytes'] / 2**30:.2f} GiB, "
+                     f"first call {r.get('first_call_s', 0):.1f} s", target))
+adm = last_json("bench_adm")
+if adm:
+    for r in adm["rows"]:
+        target = "<= 150 ms, <= 8 GiB" if r["variant"].startswith("ours") else ""
+        rows.append((f"DIFT-ADM featurizer: {r['variant'][:40]}", f"{r['ms_per_image']:.1f} ms/img",
+                     f"{r['peak_mem_gib']:.2f} GiB", target))
+    rows.append(("DIFT-ADM first call (compile)", f"{adm['first_call_s']:.1f} s", "", ""))
+for name in ("extract_sd", "extract_sd_b4", "extract_adm"):
+    r = last_json(name)
+    if r and "images" in r:
+        rows.append((f"dift-sfm {name.replace('_', ' ')}", f"{r.get('steady_img_per_s', 0):.2f} img/s steady",
+                     f"{r['images']} images in {r['wall_s']:.1f} s ({r['overall_img_per_s']:.2f} img/s "
+                     f"overall), first result after {r['first_result_s']:.1f} s", ""))
+r = last_json("match_sd")
+if r and "pairs" in r:
+    rows.append(("dift-sfm match (SD features)", f"{r['pairs_per_s']:.1f} pairs/s",
+                 f"{r['pairs']} pairs in {r['wall_s']:.1f} s incl. start-up", ">= 2000 pairs/s"))
+bench = out / "bench_match.log"
+if bench.is_file():
+    table = [line for line in bench.read_text().splitlines() if line.startswith("|")]
+    for line in table[2:]:
+        rows.append(("matcher benchmark", line.strip("| ")[:60], "", ""))
+print(f"\n# dift-sfm GPU benchmark summary ({'SMOKE, CPU, tiny models' if smoke else 'CUDA'}), "
+      f"{total} s\n")
+print("| measurement | value | details | target |\n|---|---|---|---|")
+for row in rows:
+    print("| " + " | ".join(row) + " |")
+failed = [(n, s) for n, s, _ in steps if s != "ok"]
+print("\nsteps: " + ", ".join(f"{n} {s} ({t} s)" for n, s, t in steps))
+print("FAILED/SKIPPED: " + (", ".join(f"{n} ({s})" for n, s in failed) if failed else "none"))
+EOF

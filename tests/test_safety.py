@@ -1,0 +1,400 @@
+"""Never a silently wrong result: stale or colliding outputs, ignored settings, concurrent
+writers, interrupted merges and OS errors each end in a correct file or a clear error."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from conftest import REPO, texture
+
+from dift_sfm.cli import main
+from dift_sfm.confs import ConfError, get_conf, resolve_conf
+from dift_sfm.errors import DiftSfmError, FormatError
+from dift_sfm.extract import extract_features
+from dift_sfm.formats.features import FeaturesReader, list_names
+from dift_sfm.formats.h5store import OutputLockedError, ShardedH5Writer
+from dift_sfm.formats.matches import is_complete_matches, read_matches
+from dift_sfm.formats.resume import StaleOutputError, may_resume, settings_diff
+from dift_sfm.match import conf_for_matching, match_features
+from dift_sfm.pairs import exhaustive_pairs, write_pairs
+
+ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+
+
+def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    """Run ``dift-sfm`` in a fresh process (real exit codes, signals and stderr)."""
+    return subprocess.run([sys.executable, "-m", "dift_sfm.cli", *args], env=ENV,
+                          capture_output=True, text=True, **kwargs)
+
+
+@pytest.fixture
+def images(tmp_path: Path) -> Path:
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(4):
+        cv2.imwrite(str(folder / f"{i}.png"), texture(200, 260, seed=i))
+    return folder
+
+
+def _datasets(path: Path) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset)
+                     else None)
+    return out
+
+
+# ----------------------------------------------------------------------- 1. stale matches
+def test_matches_of_other_features_are_refused_then_overwritten(images, tmp_path):
+    a = extract_features(get_conf("sift"), images, tmp_path / "A.h5")
+    b = extract_features(get_conf("sift", {"keypoints.max_keypoints": 50}), images,
+                         tmp_path / "B.h5")
+    pairs = tmp_path / "pairs.txt"
+    write_pairs(pairs, exhaustive_pairs(list_names(a)))
+    m = tmp_path / "m.h5"
+    assert main(["match", str(pairs), "--features", str(a), "-o", str(m)]) == 0
+    with pytest.raises(StaleOutputError, match="computed from other features"):
+        match_features(conf_for_matching(b), pairs, b, m)
+    assert main(["match", str(pairs), "--features", str(b), "-o", str(m)]) == 1
+    assert main(["match", str(pairs), "--features", str(b), "-o", str(m), "--overwrite"]) == 0
+    with FeaturesReader(b) as f:
+        for n0, n1 in exhaustive_pairs(f.names):
+            idx, _ = read_matches(m, n0, n1)
+            assert idx[:, 1].max() < len(f.keypoints(n1)) <= 50
+    # matching B again resumes everything: nothing to do, same file
+    before = _datasets(m)
+    assert main(["match", str(pairs), "--features", str(b), "-o", str(m)]) == 0
+    after = _datasets(m)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_matches_with_other_matcher_settings_are_refused(images, tmp_path):
+    feats = extract_features(get_conf("sift"), images, tmp_path / "f.h5")
+    pairs = tmp_path / "pairs.txt"
+    write_pairs(pairs, exhaustive_pairs(list_names(feats)))
+    m = tmp_path / "m.h5"
+    assert main(["match", str(pairs), "--features", str(feats), "-o", str(m)]) == 0
+    with pytest.raises(StaleOutputError, match="ratio_threshold"):
+        match_features(conf_for_matching(feats, None, {"matcher.ratio_threshold": 0.9}),
+                       pairs, feats, m)
+    # runtime settings (where it runs) never block a resume
+    match_features(conf_for_matching(feats, None, {"matcher.device": "cpu"}), pairs, feats, m)
+
+
+def test_the_resume_rule():
+    old = {"featurizer": {"name": "sd", "t": 0, "batch_size": 1, "device": "cuda"}}
+    assert settings_diff(old, {"featurizer": {"name": "sd", "t": 0, "batch_size": 4}}) == []
+    assert settings_diff(old, {"featurizer": {"name": "sd", "t": 41}}) == [
+        "featurizer.t: 0 -> 41"]
+    assert settings_diff(old, {"featurizer": {"name": "adm", "t": 41}}) == [
+        "featurizer.name: \"sd\" -> \"adm\""]
+    here = Path(__file__)
+    assert may_resume(here.with_name("absent.h5"), old, old, overwrite=False) is False
+    assert may_resume(here, None, old, overwrite=False) is True  # records nothing (hloc)
+    assert may_resume(here, old, old, overwrite=True) is True
+    assert may_resume(here, old, {"featurizer": {"t": 41}}, overwrite=True) is False
+    with pytest.raises(StaleOutputError, match="written by conf 'x'.*--overwrite"):
+        may_resume(here, old, {"featurizer": {"t": 41}}, overwrite=False, written_by="x")
+
+
+def test_shards_of_another_conf_are_not_merged(images, tmp_path):
+    """An interrupted run of conf A leaves shards; a run of conf B must not adopt them."""
+    out = tmp_path / "f.h5"
+    conf_a = get_conf("sift", {"keypoints.max_keypoints": 30})
+    w = ShardedH5Writer(out, lambda g: "keypoints" in g,
+                        {"conf_json": json.dumps({k: conf_a[k] for k in conf_a if k != "name"})})
+    w.write("0.png", {"keypoints": np.zeros((3, 2), np.float32)})
+    w.close()  # killed before the merge: only a shard exists
+    with pytest.raises(StaleOutputError, match="max_keypoints"):
+        extract_features(get_conf("sift"), images, out)
+    extract_features(get_conf("sift"), images, out, overwrite=True)
+    with FeaturesReader(out) as f:
+        assert len(f.keypoints("0.png")) > 30
+
+
+# ----------------------------------------------------------------------- 2. key collisions
+def test_names_with_the_same_pair_key_are_refused_before_work(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "sub").mkdir(parents=True)
+    for name in ("sub/x.png", "sub-x.png", "y.png"):
+        cv2.imwrite(str(folder / name), texture(64, 64))
+    out = tmp_path / "f.h5"
+    for args in (["extract", str(folder), "-o", str(out)],
+                 ["pairs", "exhaustive", str(folder), "-o", str(tmp_path / "p.txt")]):
+        result = cli(*args)
+        assert result.returncode == 1
+        assert "'sub-x.png' and 'sub/x.png'" in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert not out.exists() and not (tmp_path / "p.txt").exists()
+    # match: a features file that holds both (written by another tool)
+    w = ShardedH5Writer(out, lambda g: True)
+    for name in ("sub/x.png", "sub-x.png", "y.png"):
+        w.write(name, {"keypoints": np.zeros((2, 2), np.float32),
+                       "descriptors": np.ones((4, 2), np.float32),
+                       "scores": np.ones(2, np.float32), "image_size": np.array([64, 64])})
+    w.finalize()
+    (tmp_path / "p.txt").write_text("sub/x.png y.png\nsub-x.png y.png\nsub/x.png sub-x.png\n")
+    result = cli("match", str(tmp_path / "p.txt"), "--features", str(out), "-o",
+                 str(tmp_path / "m.h5"))
+    assert result.returncode == 1 and "one hloc matches.h5 key" in result.stderr
+    assert not (tmp_path / "m.h5").exists()
+
+
+# ----------------------------------------------------------------------- 3. ignored settings
+@pytest.mark.parametrize("override,message", [
+    ("keypoints.max_keypoint=100", "Unknown keypoints option 'keypoints.max_keypoint'. "
+                                   "Did you mean 'max_keypoints'?"),
+    ("featurizer.nosuch=3", "Unknown featurizer option 'featurizer.nosuch'"),
+    ("matcher.ratio=0.8", "Did you mean 'ratio_threshold'"),
+    ("keypoint.max_keypoints=3", "Unknown conf section 'keypoint.max_keypoints'"),
+    ("keypoints.max_keypoints=abc", "should be of type int"),
+    ("keypoints.contrast_threshold=yes", "should be of type float"),
+    ("keypoints.multi_orientation=2", "should be of type bool"),
+])
+def test_unknown_keys_and_wrong_types_are_one_line_errors(override, message, images, tmp_path):
+    result = cli("extract", str(images), "-o", str(tmp_path / "f.h5"), "--set", override)
+    assert result.returncode == 1
+    assert message in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "f.h5").exists()
+    key, value = override.split("=")
+    with pytest.raises(ConfError):
+        get_conf("sift", {key: value})
+
+
+def test_valid_keys_are_listed_and_a_new_component_brings_its_own_keys():
+    with pytest.raises(ConfError, match="Valid: .*contrast_threshold.*max_keypoints"):
+        get_conf("sift", {"keypoints.max_keypoint": 1})
+    grid = get_conf("sift", {"keypoints.name": "grid"})
+    assert grid["keypoints"]["step"] == 16 and "contrast_threshold" not in grid["keypoints"]
+    with pytest.raises(ConfError, match="keypoints.contrast_threshold"):
+        get_conf("sift", {"keypoints.name": "grid", "keypoints.contrast_threshold": 0.1})
+    assert resolve_conf({"featurizer": {"name": "sift"}})["matcher"]["metric"] == "cosine"
+
+
+# ----------------------------------------------------------------------- 4. mismatched conf
+def test_match_uses_the_stored_conf_and_refuses_another_featurizer(images, tmp_path):
+    feats = extract_features(get_conf("sift", {"matcher.ratio_threshold": 0.6}), images,
+                             tmp_path / "f.h5")
+    conf = conf_for_matching(feats)
+    assert conf["matcher"]["ratio_threshold"] == 0.6  # the stored override, not the default
+    assert conf_for_matching(feats, None, {"matcher.ratio_threshold": 0.7})[
+        "matcher"]["ratio_threshold"] == 0.7
+    with pytest.raises(FormatError, match="--conf dift-adm does not fit.*featurizer.name"):
+        conf_for_matching(feats, "dift-adm")
+    with pytest.raises(FormatError, match="only takes matcher settings"):
+        conf_for_matching(feats, None, {"keypoints.max_keypoints": 3})
+    pairs = tmp_path / "pairs.txt"
+    write_pairs(pairs, exhaustive_pairs(list_names(feats)))
+    result = cli("match", str(pairs), "--features", str(feats), "-o", str(tmp_path / "x.h5"),
+                 "--conf", "dift-adm")
+    assert result.returncode == 1 and "does not fit" in result.stderr
+    # the same features settings: allowed, and then the named conf's matcher applies
+    assert conf_for_matching(feats, "sift")["matcher"]["ratio_threshold"] == 0.8
+
+
+def test_match_applies_the_matcher_override_stored_by_extract(images, tmp_path):
+    """Issue 13: extract --set matcher.X is honoured by a later `match` without --conf."""
+    pairs = tmp_path / "pairs.txt"
+    counts = {}
+    for ratio in (None, 0.6):
+        args = ["extract", str(images), "-o", str(tmp_path / f"f{ratio}.h5")]
+        args += [] if ratio is None else ["--set", f"matcher.ratio_threshold={ratio}"]
+        assert main(args) == 0
+        write_pairs(pairs, exhaustive_pairs(list_names(tmp_path / f"f{ratio}.h5")))
+        m = tmp_path / f"m{ratio}.h5"
+        assert main(["match", str(pairs), "--features", str(tmp_path / f"f{ratio}.h5"),
+                     "-o", str(m)]) == 0
+        counts[ratio] = sum(len(read_matches(m, *p)[0]) for p in exhaustive_pairs(
+            list_names(tmp_path / f"f{ratio}.h5")))
+        with h5py.File(m) as f:
+            stored = json.loads(f.attrs["matcher_json"])
+        assert stored["ratio_threshold"] == (0.8 if ratio is None else ratio)
+    assert counts[0.6] < counts[None]
+
+
+# ----------------------------------------------------------------------- 5. empty pairs
+def test_empty_pairs_file_is_an_error(images, tmp_path):
+    feats = extract_features(get_conf("sift"), images, tmp_path / "f.h5", image_list=["0.png"])
+    (tmp_path / "empty.txt").write_text("\n# nothing\n")
+    result = cli("match", str(tmp_path / "empty.txt"), "--features", str(feats), "-o",
+                 str(tmp_path / "m.h5"))
+    assert result.returncode == 1 and "holds no pairs" in result.stderr
+    assert not (tmp_path / "m.h5").exists()
+
+
+# ----------------------------------------------------------------------- robustness
+def test_a_second_writer_of_the_same_output_is_refused_at_once(tmp_path):
+    out = tmp_path / "m.h5"
+    first = ShardedH5Writer(out, is_complete_matches)
+    t0 = time.monotonic()
+    with pytest.raises(OutputLockedError, match="Another dift-sfm process is writing"):
+        ShardedH5Writer(out, is_complete_matches)
+    assert time.monotonic() - t0 < 5
+    first.finalize()
+    ShardedH5Writer(out, is_complete_matches).close()  # released: the next writer gets it
+
+
+def test_concurrent_extract_processes(images, tmp_path):
+    out = tmp_path / "f.h5"
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import sys, time; from dift_sfm.formats.h5store import ShardedH5Writer;"
+         f"w = ShardedH5Writer({str(out)!r}, lambda g: True); print('locked', flush=True);"
+         "time.sleep(60)"], env=ENV, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        result = cli("extract", str(images), "-o", str(out))
+        assert result.returncode == 1 and "Another dift-sfm process is writing" in result.stderr
+    finally:
+        holder.send_signal(signal.SIGKILL)  # kill -9 releases the lock with the process
+        holder.wait()
+    assert cli("extract", str(images), "-o", str(out)).returncode == 0
+    assert list_names(out) == ["0.png", "1.png", "2.png", "3.png"]
+
+
+def test_kill_9_between_shards_and_merge_keeps_root_attributes(images, tmp_path):
+    reference = extract_features(get_conf("sift"), images, tmp_path / "ref.h5")
+    out = tmp_path / "f.h5"
+    killer = ("import os, signal, sys; from dift_sfm.formats import h5store; "
+              "h5store.ShardedH5Writer.finalize = "
+              "lambda self, **kw: (self._close_shard(), os.kill(os.getpid(), signal.SIGKILL)); "
+              "from dift_sfm.cli import main; "
+              f"sys.exit(main(['extract', {str(images)!r}, '-o', {str(out)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", killer], env=ENV, capture_output=True)
+    assert proc.returncode == -signal.SIGKILL and not out.exists()
+    assert cli("extract", str(images), "-o", str(out)).returncode == 0  # nothing left to do
+    with h5py.File(reference) as a, h5py.File(out) as b:
+        assert dict(a.attrs) == dict(b.attrs) and b.attrs["featurizer_dim"] == 128
+    ref, got = _datasets(reference), _datasets(out)
+    assert ref.keys() == got.keys() and all(np.array_equal(ref[k], got[k]) for k in ref)
+
+
+def test_unwritable_output_folder_fails_before_any_work(images, tmp_path):
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o555)
+    try:
+        if os.access(locked, os.W_OK):  # root ignores permissions: use a read-only mount
+            pytest.skip("running as root: folder permissions are not enforced here")
+        result = cli("extract", str(images), "-o", str(locked / "f.h5"))
+    finally:
+        locked.chmod(0o755)
+    assert result.returncode == 1 and "not writable" in result.stderr
+    assert "Extracting" not in result.stderr  # refused before the first image
+
+
+def test_unwritable_output_folder_as_another_user(images, tmp_path):
+    """The same check with a real unprivileged process (CI runs as root)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to switch to an unprivileged user")
+    import pwd
+
+    try:
+        nobody = pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        pytest.skip("no 'nobody' user")
+    base = Path("/tmp") / f"dift-ro-{os.getpid()}"
+    base.mkdir(mode=0o755, exist_ok=True)
+    try:
+        (base / "out").mkdir(mode=0o755, exist_ok=True)  # owned by root: read-only for nobody
+        for p in (base, images.parent, images, *images.iterdir()):
+            p.chmod(p.stat().st_mode | 0o755 if p.is_dir() else 0o644)
+        tmp_path.chmod(0o755)
+        try:
+            result = subprocess.run(
+                [sys.executable, "-m", "dift_sfm.cli", "extract", str(images), "-o",
+                 str(base / "out" / "f.h5")], env={**ENV, "HOME": str(base)},
+                capture_output=True, text=True, user=nobody)
+        except PermissionError as err:
+            pytest.skip(f"the unprivileged user cannot run this Python: {err}")
+        if "Permission denied" in result.stderr and "dift_sfm" not in result.stderr:
+            pytest.skip(f"the unprivileged user cannot run the package here: {result.stderr}")
+        assert result.returncode == 1, result.stderr
+        assert "not writable" in result.stderr and "Traceback" not in result.stderr
+        assert "Extracting" not in result.stderr
+    finally:
+        import shutil
+
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_disk_full_is_one_line_and_keeps_finished_work(tmp_path):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i in range(40):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), texture(160, 200, seed=i))
+    out = tmp_path / "f.h5"
+    limit = 3 * 2**20  # shards (16 images) fit, the merged file does not: EFBIG, errno 27
+
+    def small_disk() -> None:
+        import resource
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # write() then fails with EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+
+    result = subprocess.run([sys.executable, "-m", "dift_sfm.cli", "extract", str(folder),
+                             "-o", str(out), "--set", "keypoints.max_keypoints=200"],
+                            env=ENV, capture_output=True, text=True, preexec_fn=small_disk)
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR]" in line]
+    assert len(errors) == 1 and f"Could not write {out}" in errors[0], result.stderr
+    assert "errno 27" in errors[0] and not out.exists()
+    # finished shards survive: the rerun (with room) continues from them
+    rerun = cli("extract", str(folder), "-o", str(out), "--set", "keypoints.max_keypoints=200")
+    assert rerun.returncode == 0, rerun.stderr
+    done = [line for line in rerun.stderr.splitlines() if "already done" in line]
+    assert done and " (0 already done)" not in done[0], rerun.stderr
+    assert len(list_names(out)) == 40
+
+
+def test_sigterm_ends_with_one_line_and_no_native_stack(images, tmp_path):
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(60):
+        cv2.imwrite(str(many / f"{i:02d}.png"), texture(200, 260, seed=i))
+    proc = subprocess.Popen([sys.executable, "-m", "dift_sfm.cli", "extract", str(many), "-o",
+                             str(tmp_path / "f.h5")], env=ENV, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline and not (tmp_path / "f.h5.parts").exists():
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Interrupted; completed work is kept" in err
+    assert "Traceback" not in err and "*** SIGTERM" not in err and "Check failure" not in err
+    probe = subprocess.run([sys.executable, "-c",
+                            "import sys; from dift_sfm.cli import build_parser; build_parser();"
+                            "import dift_sfm.extract, dift_sfm.match;"
+                            "print('pycolmap' in sys.modules)"],
+                           env=ENV, capture_output=True, text=True)
+    assert probe.stdout.strip() == "False", probe.stderr
+
+
+def test_verbosity_flags_after_the_subcommand(images, tmp_path):
+    result = cli("extract", str(images), "-o", str(tmp_path / "f.h5"), "-q")
+    assert result.returncode == 0 and "Extracting" not in result.stderr
+
+
+def test_help_texts_and_conf_summaries():
+    out = subprocess.run([sys.executable, "-m", "dift_sfm.cli", "match", "--help"], env=ENV,
+                         capture_output=True, text=True).stdout
+    assert "default: None" not in out and "--features FEATURES" in out and "stored" in out
+    listing = cli("confs").stdout.splitlines()
+    summaries = {line.split()[0]: line.split(None, 1)[1] for line in listing}
+    assert len({summaries[n] for n in ("dift-sd", "dift-sd-semantic", "cleandift-sd")}) == 3
+    assert "ratio=0.8" in summaries["sift"]
+    with pytest.raises(DiftSfmError):
+        get_conf("dift-sd", {"featurizer": 3})
