@@ -21,6 +21,7 @@ from .featurizers import featurizer_defaults
 from .images import PREPROCESSING_DEFAULTS
 from .keypoints import detector_defaults
 from .matchers import matcher_defaults
+from .pca import default_conf as pca_defaults
 
 
 class ConfError(DiftSfmError):
@@ -33,7 +34,7 @@ SECTIONS: dict[str, Callable[[str | None], dict[str, Any]]] = {
     "keypoints": detector_defaults,
     "featurizer": featurizer_defaults,
     "matcher": matcher_defaults,
-    "pca": lambda _: {"dim": None},  # TODO(lead): move to dift_sfm.pca.default_conf
+    "pca": lambda _: copy.deepcopy(pca_defaults),
 }
 TOP_LEVEL = ("name", "output")
 #: the component of a section that names none

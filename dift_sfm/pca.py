@@ -11,11 +11,15 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import h5py
 import numpy as np
 
 from . import logger
 from .errors import FormatError
+from .formats.features import FeaturesReader, is_complete_features
+from .formats.h5store import ShardedH5Writer
+
+#: The ``pca`` conf section at its defaults: ``dim`` None = no reduction.
+default_conf = {"dim": None}
 
 MEAN_ATTR = "pca_mean"
 COMPONENTS_ATTR = "pca_components"
@@ -51,54 +55,21 @@ def project(descriptors: np.ndarray, mean: np.ndarray, components: np.ndarray) -
     return (y / np.maximum(norm, 1e-12)).astype(np.float32)
 
 
-def _descriptor_groups(f: h5py.File) -> list[str]:
-    """Names (no leading '/') of every group holding a ``descriptors`` dataset, nested included."""
-    names: list[str] = []
-
-    def visit(name: str, obj: h5py.HLObject) -> None:
-        if isinstance(obj, h5py.Dataset) and name.rsplit("/", 1)[-1] == "descriptors":
-            names.append(obj.parent.name.strip("/"))
-
-    f.visititems(visit)
-    return names
-
-
-def _sample(f: h5py.File, groups: list[str], max_samples: int, seed: int) -> np.ndarray:
-    """Up to ``max_samples`` descriptors (M, D), drawn uniformly over all of ``groups``."""
-    counts = np.array([f[g]["descriptors"].shape[1] for g in groups])
+def _sample(features: FeaturesReader, names: list[str], max_samples: int,
+            seed: int) -> np.ndarray:
+    """Up to ``max_samples`` descriptors (M, D), drawn uniformly over all of ``names``."""
+    counts = np.array([features.file[n]["descriptors"].shape[1] for n in names])
     total = int(counts.sum())
     keep = np.arange(total)
     if total > max_samples:
         keep = np.sort(np.random.default_rng(seed).choice(total, max_samples, replace=False))
     starts = np.concatenate([[0], np.cumsum(counts)])
     parts = []
-    for g, s, e in zip(groups, starts[:-1], starts[1:], strict=True):
+    for name, s, e in zip(names, starts[:-1], starts[1:], strict=True):
         idx = keep[(keep >= s) & (keep < e)] - s
         if len(idx):
-            parts.append(f[g]["descriptors"][()][:, idx].T.astype(np.float32))
+            parts.append(features.descriptors(name)[idx])
     return np.concatenate(parts)
-
-
-def _copy(src: h5py.Group, dst: h5py.Group, todo: set[str], mean: np.ndarray,
-          components: np.ndarray) -> None:
-    """Copy ``src`` into ``dst`` recursively, projecting the descriptors of groups in ``todo``."""
-    for key, value in src.attrs.items():
-        dst.attrs[key] = value
-    project_here = src.name.strip("/") in todo
-    for name, obj in src.items():
-        if isinstance(obj, h5py.Group):
-            _copy(obj, dst.create_group(name), todo, mean, components)
-        elif project_here and name == "descriptors":
-            desc = obj[()]  # (D, N)
-            dtype = desc.dtype if np.issubdtype(desc.dtype, np.floating) else np.float32
-            reduced = project(desc.T, mean, components).T.astype(dtype)
-            dst.create_dataset(name, data=reduced, compression=obj.compression,
-                               compression_opts=obj.compression_opts)
-            for key, value in obj.attrs.items():
-                dst[name].attrs[key] = value
-            dst.attrs[REDUCED_ATTR] = components.shape[0]
-        else:
-            src.copy(obj, dst, name=name)
 
 
 def reduce_features_file(feature_path: str | os.PathLike, dim: int | None,
@@ -107,16 +78,15 @@ def reduce_features_file(feature_path: str | os.PathLike, dim: int | None,
 
     Contract with the extract step: after ``extract_features`` has written ``feature_path``,
     it calls ``reduce_features_file(feature_path, conf["pca"]["dim"])``; ``dim`` None means no
-    PCA and returns at once. Groups are image names (nested by '/') with ``keypoints`` (N, 2),
-    ``descriptors`` (D, N), ``scores``, ``image_size``; only ``descriptors`` change, to
-    (dim, N), same float dtype, L2-normalised columns, and the group gets attribute ``pca_dim``.
+    PCA and returns at once. Only ``descriptors`` change, to (dim, N), same float dtype,
+    L2-normalised columns, and the group gets attribute ``pca_dim``.
 
-    The basis is fitted on up to ``max_samples`` descriptors drawn uniformly from all groups
+    The basis is fitted on up to ``max_samples`` descriptors drawn uniformly from all entries
     (seeded), or, if the file's root attributes already hold one, reused: a re-run after new
-    images were added projects only the groups without ``pca_dim``, with the same basis.
+    images were added projects only the entries without ``pca_dim``, with the same basis.
 
-    The file is never modified in place: the result is written to a temporary file next to it
-    and moved over it with ``os.replace``, so a crash leaves the old file intact.
+    The file is rewritten through ``formats.h5store.ShardedH5Writer`` (never in place; a crash
+    leaves the old file or resumable shards).
 
     Raises FormatError if the file holds a basis of another ``dim`` or mixes descriptor sizes.
     """
@@ -126,9 +96,9 @@ def reduce_features_file(feature_path: str | os.PathLike, dim: int | None,
     if not path.is_file():
         raise FormatError(f"Features file {path} does not exist: run the extract step first.")
     dim = int(dim)
-    with h5py.File(path, "r") as f:
-        groups = _descriptor_groups(f)
-        todo = [g for g in groups if REDUCED_ATTR not in f[g].attrs]
+    with FeaturesReader(path) as f:
+        names = f.names
+        todo = [n for n in names if REDUCED_ATTR not in f.entry_attrs(n)]
         has_basis = COMPONENTS_ATTR in f.attrs
         if has_basis:
             mean, components = f.attrs[MEAN_ATTR], f.attrs[COMPONENTS_ATTR]
@@ -137,12 +107,12 @@ def reduce_features_file(feature_path: str | os.PathLike, dim: int | None,
                     f"{path} already holds descriptors reduced by PCA to {components.shape[0]} "
                     f"dimensions, not {dim}: use pca.dim={components.shape[0]} or extract again "
                     f"with overwrite.")
-        elif len(todo) < len(groups):
+        elif len(todo) < len(names):
             raise FormatError(f"{path} has groups marked '{REDUCED_ATTR}' but no PCA basis in its "
                               f"root attributes: extract again with overwrite.")
         if not todo:
             return path
-        dims = {f[g]["descriptors"].shape[0] for g in todo}
+        dims = {f.file[n]["descriptors"].shape[0] for n in todo}
         if len(dims) > 1:
             raise FormatError(f"{path} mixes descriptor sizes {sorted(dims)}: cannot reduce.")
         d = dims.pop()
@@ -156,19 +126,23 @@ def reduce_features_file(feature_path: str | os.PathLike, dim: int | None,
             sample = _sample(f, todo, max_samples, seed)
             mean, components = fit_pca(sample, dim)
             logger.info("PCA %d -> %d fitted on %d descriptors of %s.", d, dim, len(sample), path)
-        tmp = path.with_name(path.name + ".pca-tmp")
+        writer = ShardedH5Writer(path, is_complete_features,
+                                 {MEAN_ATTR: mean, COMPONENTS_ATTR: components})
         try:
-            # v1.8 format or later: needed for attributes over 64 KiB (the basis).
-            with h5py.File(tmp, "w", libver=("v108", "v110")) as out:
-                _copy(f, out, set(todo), mean, components)
-                out.attrs[MEAN_ATTR] = mean
-                out.attrs[COMPONENTS_ATTR] = components
-            with open(tmp, "rb+") as fh:
-                os.fsync(fh.fileno())
+            for name in todo:
+                data = f.datasets(name)
+                desc = data["descriptors"]  # (D, N)
+                dtype = desc.dtype if np.issubdtype(desc.dtype, np.floating) else np.float32
+                data["descriptors"] = project(desc.T, mean, components).T.astype(dtype)
+                writer.write(name, data, {**f.entry_attrs(name), REDUCED_ATTR: dim})
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            writer.close()
             raise
-    os.replace(tmp, path)
+    try:
+        writer.finalize()
+    except BaseException:
+        writer.close()
+        raise
     logger.info("Reduced the descriptors of %d images in %s to %d dimensions.",
                 len(todo), path, dim)
     return path

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from dift_sfm.describe import sample_descriptors
+from dift_sfm.sampling import sample_descriptors
 from dift_sfm.featurizers.base import DenseFeatures
 from dift_sfm.matchers import get_matcher, matcher_defaults, mutual_nearest_neighbours
 

@@ -69,11 +69,18 @@ def default_estimator(conf: dict) -> str:
     return "lmeds" if conf["featurizer"]["name"] == "sd" else "ransac"
 
 
+#: The protocols' own matcher: plain mutual NN (the conf's metric), as in the DIFT paper,
+#: whatever ratio test or threshold the conf uses elsewhere; stated in the results.
+PROTOCOL_MATCHER = {"ratio_threshold": None, "min_score": None}
+
+
 def protocol_conf(conf: dict, max_keypoints: int | None, keypoints_path: Path | None) -> dict:
-    """The feature conf of a protocol: full-resolution input (no resize_max), and either
-    ``max_keypoints`` detected keypoints or keypoints imported from ``keypoints_path``."""
+    """The conf of a protocol: full-resolution input (no resize_max), the protocols' matcher
+    (``PROTOCOL_MATCHER``), and either ``max_keypoints`` detected keypoints or keypoints
+    imported from ``keypoints_path``."""
     conf = copy.deepcopy(conf)
     conf.setdefault("preprocessing", {})["resize_max"] = None
+    conf["matcher"] = {**conf["matcher"], **PROTOCOL_MATCHER}
     if keypoints_path is not None:
         conf["keypoints"] = {"name": "import", "path": str(keypoints_path),
                              "max_keypoints": max_keypoints}
@@ -341,6 +348,7 @@ def run_hpatches(
                                       threshold_px=gf_best, thresholds_tried=gf_thresholds)
     results = {
         "conf": conf.get("name"), "conf_tag": conf_tag(fconf), "protocols": list(protocols),
+        "matcher": fconf["matcher"],
         "subset": subset, "roots": [str(r) for r in ([roots] if isinstance(roots, (str, Path))
                                                       else roots)],
         "image_root": str(base), "sequences": [s.name for s in sequences],

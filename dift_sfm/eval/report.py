@@ -22,8 +22,11 @@ def _pct(values: list[float] | None) -> str:
 def hpatches_table(results: dict) -> str:
     """A markdown summary of HPatches ``results`` (from ``run_hpatches``)."""
     s = results["summary"]
+    m = results.get("matcher") or {}
+    matcher = f"{m.get('name', 'mnn')}/{m.get('metric', 'cosine')}" + (
+        f", ratio {m['ratio_threshold']}" if m.get("ratio_threshold") else ", no ratio test")
     lines = [f"HPatches benchmark, conf `{results['conf']}` ({results['conf_tag']}), "
-             f"sequences: {', '.join(results['sequences'])}", "",
+             f"matcher {matcher}, sequences: {', '.join(results['sequences'])}", "",
              "| protocol | metric | illumination | viewpoint | all |", "|---|---|---|---|---|"]
     n = s["num_pairs"]
     lines.append(f"| - | pairs | {n['illumination']} | {n['viewpoint']} | {n['all']} |")

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from .. import logger
-from ..describe import sample_descriptors
+from ..sampling import sample_descriptors
 from ..errors import DiftSfmError
 
 T = TypeVar("T")

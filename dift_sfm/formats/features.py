@@ -169,6 +169,15 @@ class FeaturesReader:
             raise FormatError(f"Entry '{name}' of features file {self.path} has no '{dataset}'.")
         return group[dataset][()]
 
+    def entry_attrs(self, name: str) -> dict:
+        """Attributes of image ``name``'s group (e.g. ``pca_dim``)."""
+        return {k: _decode(v) for k, v in self._group(name).attrs.items()}
+
+    def datasets(self, name: str) -> dict[str, np.ndarray]:
+        """Every dataset of image ``name``'s entry, as stored."""
+        group = self._group(name)
+        return {k: v[()] for k, v in group.items() if isinstance(v, h5py.Dataset)}
+
     def keypoints(self, name: str) -> np.ndarray:
         """(N, 2) float32 keypoints of image ``name``, original pixels."""
         return self.dataset(name, "keypoints").astype(np.float32)

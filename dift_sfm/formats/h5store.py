@@ -36,6 +36,9 @@ except ImportError:  # Windows: no advisory locks, one writer is the user's resp
 logger = logging.getLogger("dift_sfm")
 
 Validator = Callable[[h5py.Group], bool]
+#: HDF5 format versions of every file written: v1.8+ stores root attributes over 64 KiB
+#: (e.g. a PCA basis); hloc's h5py readers open it.
+LIBVER = ("v108", "v110")
 
 
 def open_h5(path: Path | str, mode: str = "r") -> h5py.File:
@@ -169,7 +172,8 @@ class ShardedH5Writer:
                 with h5py.File(tmp, "r", locking=False) as f:
                     keys = list(iter_entries(f, self.is_complete))
                     if keys:
-                        with h5py.File(tmp.with_suffix(".h5"), "w", locking=False) as out:
+                        with h5py.File(tmp.with_suffix(".h5"), "w", locking=False,
+                                       libver=LIBVER) as out:
                             out.attrs.update(dict(f.attrs))
                             for key in keys:
                                 _copy_entry(f, out, key)
@@ -213,7 +217,8 @@ class ShardedH5Writer:
                     break
                 index += 1
             self._shard_path = self.parts / f"{stem}.tmp"
-            self._shard = h5py.File(self._shard_path, "w", locking=False)
+            # v1.8 format: root attributes over 64 KiB (e.g. a PCA basis) must fit
+            self._shard = h5py.File(self._shard_path, "w", locking=False, libver=LIBVER)
             self._shard.attrs.update(self.root_attrs)  # what the entries were computed with
             self._shard_count = 0
             self._shard_start = time.monotonic()
@@ -282,8 +287,7 @@ class ShardedH5Writer:
             self._lock.release()
             return
         tmp = self.path.with_name(self.path.name + ".merging")
-        # libver >= 1.8 format: root attributes over 64 KiB (e.g. a PCA basis) must fit
-        with h5py.File(tmp, "w", locking=False, libver=("v108", "v110")) as out:
+        with h5py.File(tmp, "w", locking=False, libver=LIBVER) as out:
             from_shards: dict[str, Path] = {}
             for shard in shards:
                 try:

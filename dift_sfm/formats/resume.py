@@ -20,8 +20,19 @@ from ..errors import FormatError
 logger = logging.getLogger("dift_sfm")
 
 #: Conf keys that change how fast or where a result is computed, never the result itself.
-RUNTIME_KEYS = frozenset({"batch_size", "chunk_size", "compile", "channels_last", "device",
-                          "num_workers", "pair_batch", "prefetch"})
+RUNTIME_KEYS = frozenset(
+    {
+        "batch_size",
+        "chunk_size",
+        "compile",
+        "compile_mode",
+        "channels_last",
+        "device",
+        "num_workers",
+        "pair_batch",
+        "prefetch",
+    }
+)
 
 
 class StaleOutputError(FormatError):
@@ -30,10 +41,12 @@ class StaleOutputError(FormatError):
 
 def significant(settings: Mapping[str, Any]) -> dict[str, Any]:
     """``settings`` (nested dicts) without the ``RUNTIME_KEYS``, as JSON-normalised data."""
+
     def strip(node: Any) -> Any:
         if isinstance(node, Mapping):
             return {k: strip(v) for k, v in node.items() if k not in RUNTIME_KEYS}
         return node
+
     return json.loads(json.dumps(strip(settings)))
 
 
@@ -52,8 +65,14 @@ def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = 
     return diff
 
 
-def may_resume(path: Path | str, stored: Mapping[str, Any] | None, wanted: Mapping[str, Any],
-               overwrite: bool, what: str = "output", written_by: str | None = None) -> bool:
+def may_resume(
+    path: Path | str,
+    stored: Mapping[str, Any] | None,
+    wanted: Mapping[str, Any],
+    overwrite: bool,
+    what: str = "output",
+    written_by: str | None = None,
+) -> bool:
     """Whether the entries already in ``path`` may be kept (and extended) by this run.
 
     Args:
@@ -79,9 +98,11 @@ def may_resume(path: Path | str, stored: Mapping[str, Any] | None, wanted: Mappi
     if written_by:
         shown = f"written by conf '{written_by}'; {shown}"
     if overwrite:
-        logger.warning("Replacing the %s %s: it was computed with other settings (%s).",
-                       what, path, shown)
+        logger.warning(
+            "Replacing the %s %s: it was computed with other settings (%s).", what, path, shown
+        )
         return False
     raise StaleOutputError(
         f"The {what} {path} was computed with other settings than this run's ({shown}). "
-        "Use --overwrite to recompute it, or write to another output.")
+        "Use --overwrite to recompute it, or write to another output."
+    )

@@ -6,55 +6,188 @@ conf's ``matcher`` section (``name: mnn``) builds, with its defaults in ``MNN.de
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-
-def _similarity(d0: torch.Tensor, d1: torch.Tensor, metric: str) -> torch.Tensor:
-    """Similarity of rows (higher is better): cosine, or negative squared L2 distance."""
-    sim = d0 @ d1.T
-    if metric == "l2":
-        # -(|a|^2 + |b|^2 - 2 a.b): the ordering of -distance without the sqrt.
-        sim = 2 * sim - (d0 * d0).sum(1, keepdim=True) - (d1 * d1).sum(1)[None]
-    return sim
+_NEG_INF = float("-inf")
 
 
-def _top2_merge(vals: torch.Tensor, idx: torch.Tensor, new_vals: torch.Tensor,
-                new_idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge two (k, M) top-k lists into the top-k of their union, per column."""
-    v = torch.cat([vals, new_vals])
-    i = torch.cat([idx, new_idx])
-    top = v.topk(vals.shape[0], dim=0)
-    return top.values, i.gather(0, top.indices)
+def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(B, M, D) x (B, D, N) -> (B, M, N) float32; half inputs accumulate and return in fp32."""
+    if a.dtype == torch.float32:
+        return torch.bmm(a, b)
+    try:  # CUDA: fp16 tensor cores, fp32 accumulation and output (no fp16 rounding of sims)
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    except (RuntimeError, TypeError, NotImplementedError):
+        return torch.bmm(a, b).float()
 
 
-def _nearest_both_ways(d0: torch.Tensor, d1: torch.Tensor, metric: str, chunk: int, k: int):
-    """Top-k similarities of every row of d0 in d1 and of every row of d1 in d0, in one pass.
+def _top2(sim: torch.Tensor, dim: int, need_second: bool):
+    """Largest value along ``dim``, the mask of where it is, and the second largest value
+    counting ties (equal to the largest when it occurs twice); -inf where there is none.
 
-    The (N0, N1) similarity is computed once, ``chunk`` rows at a time; the column-wise top-k
-    is merged across chunks. Returns (vals01 (k, N0), idx01, vals10 (k, N1), idx10).
+    Only value reductions (``amax``) and elementwise passes: on CPUs a reduction that also
+    returns indices, or one across rows, costs several times the matrix product.
     """
-    n1 = d1.shape[0]
-    vals01, idx01 = [], []
-    vals10 = torch.full((k, n1), -float("inf"), device=d0.device)
-    idx10 = torch.zeros((k, n1), dtype=torch.long, device=d0.device)
-    for start in range(0, d0.shape[0], chunk):
-        sim = _similarity(d0[start:start + chunk], d1, metric)
-        kr = min(k, sim.shape[1])
-        top = sim.topk(kr, dim=1)
-        vals01.append(top.values.T)
-        idx01.append(top.indices.T)
-        kc = min(k, sim.shape[0])
-        col = sim.topk(kc, dim=0)
-        if kc < k:
-            pad = torch.full((k - kc, n1), -float("inf"), device=d0.device)
-            col_vals = torch.cat([col.values, pad])
-            col_idx = torch.cat([col.indices, torch.zeros_like(pad, dtype=torch.long)])
+    first = sim.amax(dim, keepdim=True)
+    at_first = sim == first
+    second = None
+    if need_second:
+        second = sim.masked_fill(at_first, _NEG_INF).amax(dim)
+        second = torch.where(at_first.sum(dim) >= 2, first.squeeze(dim), second)
+    return first.squeeze(dim), at_first, second
+
+
+@torch.no_grad()
+def mnn_batch(
+    desc0: Sequence[torch.Tensor],
+    desc1: Sequence[torch.Tensor],
+    metric: str = "cosine",
+    ratio_threshold: float | None = None,
+    min_score: float | None = None,
+    chunk: int | None = None,
+    half: bool = False,
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Mutual nearest neighbours of many pairs at once: pair b is (desc0[b], desc1[b]).
+
+    The pairs are stacked into zero-padded (B, M0, D) / (B, M1, D) blocks on the device of the
+    inputs; one batched product per ``chunk`` rows gives every pair's similarities, padding is
+    masked to -inf. Each pair's result is exactly what it gets alone (B = 1) in fp32 on a
+    CPU: padding only adds masked rows/columns, the blocks are the same, and scores are exact
+    fp32 dot products (or distances) of the chosen pairs.
+
+    Args:
+        desc0, desc1: B tensors (N0_b, D) and (N1_b, D), same device; for 'cosine' already
+            L2-normalised (``prepare_descriptors``). Any N (0 included) per pair.
+        metric, ratio_threshold, min_score: as in ``mutual_nearest_neighbours``.
+        chunk: rows of desc0 per product (None: ``default_chunk``); memory is
+            O(B * chunk * max N1).
+        half: multiply in float16 (CUDA tensor cores, fp32 accumulation); decisions then rest
+            on fp16-rounded descriptors.
+
+    Returns:
+        per pair, matches0 (N0_b,) int64 (index into desc1[b] or -1) and scores0 (N0_b,)
+        float32 (cosine similarity, or exp(-L2 distance); 0 where unmatched).
+    """
+    if metric not in ("cosine", "l2"):
+        raise ValueError(f"Unknown metric '{metric}', expected 'cosine' or 'l2'.")
+    if len(desc0) != len(desc1):
+        raise ValueError(f"{len(desc0)} desc0 blocks but {len(desc1)} desc1 blocks.")
+    results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(desc0)
+    live = []
+    for b, (d0, d1) in enumerate(zip(desc0, desc1, strict=True)):
+        if d0.shape[-1] != d1.shape[-1]:
+            raise ValueError(f"Descriptor sizes differ: {d0.shape[-1]} vs {d1.shape[-1]}.")
+        if len(d0) == 0 or len(d1) == 0:
+            results[b] = (np.full(len(d0), -1, np.int64), np.zeros(len(d0), np.float32))
         else:
-            col_vals, col_idx = col.values, col.indices
-        vals10, idx10 = _top2_merge(vals10, idx10, col_vals, col_idx + start)
-    return torch.cat(vals01, 1), torch.cat(idx01, 1), vals10, idx10
+            live.append(b)
+    if not live:
+        return results  # type: ignore[return-value]
+    d0s, d1s = [desc0[b].float() for b in live], [desc1[b].float() for b in live]
+    device = d0s[0].device
+    n0 = torch.tensor([len(d) for d in d0s], device=device)
+    n1 = torch.tensor([len(d) for d in d1s], device=device)
+    bsz, m0, m1, dim = len(live), int(n0.max()), int(n1.max()), d0s[0].shape[1]
+    p0 = d0s[0].new_zeros((bsz, m0, dim))
+    p1 = d0s[0].new_zeros((bsz, m1, dim))
+    for b in range(bsz):
+        p0[b, :len(d0s[b])] = d0s[b]
+        p1[b, :len(d1s[b])] = d1s[b]
+    q0, q1t = (p0.half(), p1.half().transpose(1, 2)) if half else (p0, p1.transpose(1, 2))
+    ar0, ar1 = torch.arange(m0, device=device), torch.arange(m1, device=device)
+    pad_cols = (ar1[None] >= n1[:, None])[:, None] if bool((n1 < m1).any()) else None
+    rows_ok = ar0[None] < n0[:, None]  # (B, M0)
+    pad_rows = bool((n0 < m0).any())
+    if metric == "l2":
+        sq0, sq1 = (p0 * p0).sum(2), (p1 * p1).sum(2)
+    need_second = ratio_threshold is not None
+    chunk = chunk or default_chunk(device, bsz, m1)
+
+    best0, nn01, second0 = [], [], []
+    colf = torch.full((bsz, m1), _NEG_INF, device=device)
+    cols = torch.full((bsz, m1), _NEG_INF, device=device) if need_second else None
+    for s in range(0, m0, chunk):
+        e = min(m0, s + chunk)
+        sim = _bmm(q0[:, s:e], q1t)  # (B, c, M1)
+        if metric == "l2":  # -(|a|^2 + |b|^2 - 2 a.b): -squared distance without the sqrt
+            sim.mul_(2).sub_(sq0[:, s:e, None]).sub_(sq1[:, None])
+        if pad_cols is not None:
+            sim.masked_fill_(pad_cols, _NEG_INF)
+        if pad_rows:
+            sim.masked_fill_(~rows_ok[:, s:e, None], _NEG_INF)
+        # rows: best value, its first column, second best
+        rf, at_rf, rs = _top2(sim, 2, need_second)
+        if pad_rows:
+            at_rf &= rows_ok[:, s:e, None]
+        hit = at_rf.nonzero()  # (K, 3): b, row, col; one per row but for ties
+        first = torch.full((bsz * (e - s),), m1, dtype=torch.long, device=device)
+        first.scatter_reduce_(0, hit[:, 0] * (e - s) + hit[:, 1], hit[:, 2], "amin")
+        best0.append(rf)
+        nn01.append(first.view(bsz, e - s).clamp_max_(m1 - 1))
+        second0.append(rs)
+        # columns: merge this chunk's best two into the running best two
+        cf, _, cs = _top2(sim, 1, need_second)
+        if need_second:
+            cols = torch.maximum(torch.minimum(colf, cf), torch.maximum(cols, cs))
+        colf = torch.maximum(colf, cf)
+        del sim, at_rf, hit
+
+    best = torch.cat(best0, 1)
+    nn = torch.cat(nn01, 1)
+    keep = rows_ok & (best == colf.gather(1, nn))  # row i is a best row of its best column
+    # a column claimed by several rows (exact ties) keeps the first one
+    claim = torch.full((bsz * m1,), m0, dtype=torch.long, device=device)
+    flat = (torch.arange(bsz, device=device)[:, None] * m1 + nn)[keep]
+    claim.scatter_reduce_(0, flat, ar0.expand(bsz, m0)[keep], "amin")
+    keep &= claim.view(bsz, m1).gather(1, nn) == ar0[None]
+
+    def dist(sim: torch.Tensor) -> torch.Tensor:
+        if metric == "cosine":
+            return (2 - 2 * sim).clamp_min(0).sqrt()
+        return (-sim).clamp_min(0).sqrt()
+
+    nn_desc = p1.gather(1, nn[..., None].expand(-1, -1, dim))
+    # exact fp32 scores of the chosen pairs, whatever the product's precision and blocking
+    best = -((p0 - nn_desc) ** 2).sum(2) if metric == "l2" else (p0 * nn_desc).sum(2)
+    if need_second:
+        second = torch.cat(second0, 1)
+        keep &= dist(best) < ratio_threshold * dist(second)
+        keep &= (dist(colf) < ratio_threshold * dist(cols)).gather(1, nn)
+    if min_score is not None:
+        keep &= best >= min_score if metric == "cosine" else dist(best) <= min_score
+    score = best if metric == "cosine" else torch.exp(-dist(best))
+    keep_np = keep.cpu().numpy()
+    nn_np = np.where(keep_np, nn.cpu().numpy(), -1)
+    score_np = np.where(keep_np, score.float().cpu().numpy(), 0).astype(np.float32)
+    for b, i in enumerate(live):
+        k = len(d0s[b])
+        results[i] = (nn_np[b, :k].astype(np.int64), score_np[b, :k])
+    return results  # type: ignore[return-value]
+
+
+def default_chunk(device: torch.device | str, pairs: int, n1: int) -> int:
+    """Rows per product: ~64M similarities per batch on GPUs; on CPUs a block of one pair
+    that stays in cache (the same whatever the batch, so batching changes no bit)."""
+    if torch.device(device).type == "cuda":
+        return max(16, 2**26 // max(1, pairs * n1))
+    return max(16, 2**18 // max(1, n1))
+
+
+def prepare_descriptors(desc: np.ndarray | torch.Tensor, metric: str,
+                        device: str | torch.device | None = None) -> torch.Tensor:
+    """(N, D) descriptors as the float32 tensor ``mnn_batch`` takes: on ``device``,
+    L2-normalised for 'cosine'."""
+    d = torch.as_tensor(np.asarray(desc) if not torch.is_tensor(desc) else desc)
+    if device is not None:
+        d = d.to(device)
+    d = d.float()
+    if metric == "cosine" and len(d):
+        d = F.normalize(d, dim=1)
+    return d
 
 
 def mutual_nearest_neighbours(
@@ -63,7 +196,7 @@ def mutual_nearest_neighbours(
     metric: str = "cosine",
     ratio_threshold: float | None = None,
     min_score: float | None = None,
-    chunk: int = 2048,
+    chunk: int | None = None,
     device: str | torch.device | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Mutual nearest neighbours between descriptor sets (N0, D) and (N1, D).
@@ -72,57 +205,26 @@ def mutual_nearest_neighbours(
         metric: 'cosine' (rows are L2-normalised first) or 'l2' (Euclidean distance).
         ratio_threshold: Lowe's ratio test on distances (kept if d1st < ratio * d2nd), both ways.
         min_score: minimum cosine similarity ('cosine') or maximum distance ('l2').
-        chunk: rows per similarity block; memory is O(chunk * max(N0, N1)), never N0 * N1.
+        chunk: rows per similarity block (None: a cache-sized block); memory is
+            O(chunk * N1), never N0 * N1.
         device: where to compute ('cuda' for GPU); default: where desc0 lives.
 
     Returns:
         matches0: (N0,) int64, index into desc1 or -1.
         scores0: (N0,) float32, cosine similarity (cosine) or exp(-distance) (l2), 0 if unmatched.
+
+    Ties (equal similarities) go to the lowest index. This is ``mnn_batch`` with one pair.
     """
     if metric not in ("cosine", "l2"):
         raise ValueError(f"Unknown metric '{metric}', expected 'cosine' or 'l2'.")
     d0 = torch.as_tensor(np.asarray(desc0) if not torch.is_tensor(desc0) else desc0)
-    d1 = torch.as_tensor(np.asarray(desc1) if not torch.is_tensor(desc1) else desc1)
-    if device is not None:
-        d0, d1 = d0.to(device), d1.to(device)
-    d0, d1 = d0.float(), d1.float()
-    n0, n1 = d0.shape[0], d1.shape[0]
-    matches0 = np.full(n0, -1, np.int64)
-    scores0 = np.zeros(n0, np.float32)
-    if n0 == 0 or n1 == 0:
-        return matches0, scores0
-    if d0.shape[1] != d1.shape[1]:
-        raise ValueError(f"Descriptor sizes differ: {d0.shape[1]} vs {d1.shape[1]}.")
-    if metric == "cosine":
-        d0, d1 = F.normalize(d0, dim=1), F.normalize(d1, dim=1)
-    need_second = ratio_threshold is not None
-    k = 2 if need_second else 1
-    vals01, idx01, vals10, idx10 = _nearest_both_ways(d0, d1, metric, chunk, k)
-    best0, nn01, best1, nn10 = vals01[0], idx01[0], vals10[0], idx10[0]
-    inf = torch.tensor(-float("inf"), device=d0.device)
-    second0 = vals01[1] if vals01.shape[0] > 1 else inf.expand(n0)
-    second1 = vals10[1] if need_second else None
-
-    ar = torch.arange(n0, device=d0.device)
-    keep = nn10[nn01] == ar
-
-    def dist(sim: torch.Tensor) -> torch.Tensor:
-        if metric == "cosine":
-            return (2 - 2 * sim).clamp_min(0).sqrt()
-        return (-sim).clamp_min(0).sqrt()
-
-    if metric == "l2":  # exact distances of the chosen pairs (the expansion loses precision)
-        best0 = -((d0 - d1[nn01]) ** 2).sum(1)
-    if need_second:
-        keep &= dist(best0) < ratio_threshold * dist(second0)
-        keep &= (dist(best1) < ratio_threshold * dist(second1))[nn01]
-    if min_score is not None:
-        keep &= best0 >= min_score if metric == "cosine" else dist(best0) <= min_score
-    score = best0 if metric == "cosine" else torch.exp(-dist(best0))
-    keep_np = keep.cpu().numpy()
-    matches0[keep_np] = nn01.cpu().numpy()[keep_np]
-    scores0[keep_np] = score.cpu().numpy()[keep_np]
-    return matches0, scores0
+    device = device if device is not None else d0.device
+    d0 = prepare_descriptors(d0, metric, device)
+    d1 = prepare_descriptors(desc1, metric, device)
+    if d0.ndim != 2 or d1.ndim != 2:
+        raise ValueError(f"Descriptors must be (N, D), got {tuple(d0.shape)} and "
+                         f"{tuple(d1.shape)}.")
+    return mnn_batch([d0], [d1], metric, ratio_threshold, min_score, chunk)[0]
 
 
 class MNN:

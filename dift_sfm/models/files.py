@@ -27,6 +27,34 @@ def cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dift_sfm").expanduser()
 
 
+def go_offline_if_unreachable(timeout: float = 3.0) -> bool:
+    """Probe the Hugging Face endpoint once; when it cannot be reached, switch this process to
+    offline mode (cached files still load) instead of retrying for half a minute per file.
+
+    Returns whether the process is offline now.
+    """
+    if offline():
+        return True
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    try:
+        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
+        return False
+    except OSError:
+        logger.warning("The Hugging Face hub (%s) is unreachable: using only cached files "
+                       "(as with HF_HUB_OFFLINE=1).", url.hostname)
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:  # huggingface_hub reads the switch from its constants module at call time
+        import huggingface_hub.constants as hub_constants
+
+        hub_constants.HF_HUB_OFFLINE = True
+    except ImportError:
+        pass
+    return True
+
+
 def offline() -> bool:
     """Whether downloads are disabled (``DIFT_SFM_OFFLINE`` or ``HF_HUB_OFFLINE`` set true)."""
     return any(os.environ.get(k, "").lower() in _TRUE

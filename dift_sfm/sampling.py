@@ -1,4 +1,4 @@
-"""Sampling dense feature maps at keypoints."""
+"""Descriptor sampling: bilinear lookup of dense feature maps (C, h, w) at keypoints."""
 
 from __future__ import annotations
 

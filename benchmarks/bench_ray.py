@@ -1,0 +1,166 @@
+"""Ray backends against the local ones: images/s and pairs/s per number of workers, Ray's own
+overhead per image and per block, and the driver-side costs (shard writes, final merge).
+
+    python benchmarks/bench_ray.py [--copies 2] [--pairs 60] [--workers 1 2] [--merge-entries 1000]
+
+Images: ``--copies`` copies of ../shared/data/sacre_coeur (10 photos, about 1080x720) in a
+temporary folder, ``sift`` conf. Throughput is steady state: the run's wall time minus the
+backend's start-up (actors created, models loaded), which is reported on its own, as is the
+local cluster's start. Prints a markdown table and a JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import logging
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from dift_sfm.confs import get_conf  # noqa: E402
+from dift_sfm.distributed import (  # noqa: E402
+    RayExtractBackend,
+    RayMatchBackend,
+    RayOptions,
+    connect,
+)
+from dift_sfm.extract import extract_features  # noqa: E402
+from dift_sfm.formats.features import feature_datasets, is_complete_features  # noqa: E402
+from dift_sfm.formats.h5store import ShardedH5Writer  # noqa: E402
+from dift_sfm.formats.matches import is_complete_matches, match_datasets  # noqa: E402
+from dift_sfm.match import match_features  # noqa: E402
+from dift_sfm.pairs import exhaustive_pairs, write_pairs  # noqa: E402
+
+logger = logging.getLogger("bench_ray")
+SACRE = ROOT.parent / "shared" / "data" / "sacre_coeur"
+
+
+def _images(folder: Path, copies: int) -> list[str]:
+    folder.mkdir()
+    names = []
+    for c in range(copies):
+        for src in sorted(SACRE.glob("*.jpg")):
+            name = f"c{c}_{src.name}"
+            shutil.copy(src, folder / name)
+            names.append(name)
+    return names
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def ray_overhead(ray, repeats: int = 30) -> dict[str, float]:
+    """Ray's own cost per image and per matching block, with no computation: the same
+    objects as a real run (file bytes in, a resized float32 image between the prepare task
+    and the actor, 4096 x 128 float32 descriptors back; two descriptor sets in per block)."""
+
+    @ray.remote(num_cpus=1)
+    def prepare(data: bytes) -> np.ndarray:
+        return np.zeros((720, 1080, 3), np.float32)
+
+    @ray.remote(num_cpus=1)
+    class Worker:
+        def describe(self, image: np.ndarray) -> np.ndarray:
+            return np.zeros((4096, 128), np.float32)
+
+        def match(self, d0: np.ndarray, d1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return np.zeros(len(d0), np.int32), np.zeros(len(d0), np.float32)
+
+    worker = Worker.remote()
+    data = os.urandom(450_000)  # a 1080x720 JPEG
+    desc = np.zeros((4096, 128), np.float32)
+    ray.get(worker.describe.remote(prepare.remote(data)))  # warm up
+    per_image = _timed(lambda: [ray.get(worker.describe.remote(prepare.remote(data)))
+                                for _ in range(repeats)]) / repeats
+    per_block = _timed(lambda: [ray.get(worker.match.remote(ray.put(desc), ray.put(desc)))
+                                for _ in range(repeats)]) / repeats
+    ray.kill(worker)
+    return {"ms_per_image": 1000 * per_image, "ms_per_block_2_images": 1000 * per_block}
+
+
+def merge_cost(folder: Path, entries: int) -> dict[str, float]:
+    """Driver-side h5 costs: ``entries`` writes to shards, then ShardedH5Writer.finalize."""
+    rng = np.random.default_rng(0)
+    kpts = rng.random((2048, 2), dtype=np.float32) * 1000
+    desc = rng.standard_normal((2048, 128)).astype(np.float32)
+    feats = feature_datasets(kpts, desc, np.ones(2048, np.float32), (1080, 720))
+    size = sum(v.nbytes for v in feats.values())
+    out: dict[str, float] = {"feature_entry_mb": size / 2**20}
+    writer = ShardedH5Writer(folder / "feats.h5", is_complete_features)
+    out["features_write_s"] = _timed(lambda: [writer.write(f"im{i:06d}.jpg", feats)
+                                              for i in range(entries)])
+    out["features_merge_s"] = _timed(writer.finalize)
+    m = match_datasets(rng.integers(-1, 4096, 4096).astype(np.int32),
+                       rng.random(4096, dtype=np.float32))
+    out["match_entry_kb"] = sum(v.nbytes for v in m.values()) / 1024
+    writer = ShardedH5Writer(folder / "matches.h5", is_complete_matches, shard_entries=256)
+    out["matches_write_s"] = _timed(lambda: [writer.write(f"a{i:06d}.jpg/b.jpg", m)
+                                             for i in range(entries)])
+    out["matches_merge_s"] = _timed(writer.finalize)
+    out["entries"] = entries
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--copies", type=int, default=2)
+    parser.add_argument("--pairs", type=int, default=60, help="first N exhaustive pairs")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--merge-entries", type=int, default=1000)
+    args = parser.parse_args()
+    logging.getLogger("dift_sfm").setLevel(logging.WARNING)
+    if not SACRE.is_dir():
+        sys.exit(f"needs {SACRE}")
+    conf = get_conf("sift")
+    rows, info = [], {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        names = _images(tmp / "images", args.copies)
+        pairs_path = tmp / "pairs.txt"
+        write_pairs(pairs_path, exhaustive_pairs(names)[:args.pairs])
+        wall = _timed(lambda: extract_features(conf, tmp / "images", tmp / "local.h5"))
+        mwall = _timed(lambda: match_features(conf, pairs_path, tmp / "local.h5",
+                                              tmp / "local_m.h5"))
+        rows.append(("local", len(names) / wall, 0.0, args.pairs / mwall, 0.0))
+        start = time.perf_counter()
+        ray = connect(RayOptions())
+        info["cluster_start_s"] = time.perf_counter() - start
+        for workers in args.workers:
+            opts = RayOptions(workers=workers)
+            ext = RayExtractBackend(conf, tmp / "images", opts)
+            wall = _timed(lambda ext=ext, w=workers: extract_features(
+                conf, tmp / "images", tmp / f"ray{w}.h5", backend=ext))
+            mat = RayMatchBackend(conf["matcher"], opts)
+            mwall = _timed(lambda mat=mat, w=workers: match_features(
+                conf, pairs_path, tmp / "local.h5", tmp / f"ray{w}_m.h5", backend=mat))
+            rows.append((f"ray, {workers} worker(s), prep "
+                         f"{'tasks' if ext.stats['prep_slots'] else 'in workers'}",
+                         len(names) / (wall - ext.stats["startup_s"]), ext.stats["startup_s"],
+                         args.pairs / (mwall - mat.stats["startup_s"]),
+                         mat.stats["bytes_shipped"] / args.pairs / 2**20))
+        info["overhead"] = ray_overhead(ray)
+        info["merge"] = merge_cost(tmp, args.merge_entries)
+    print(f"\n{len(names)} images, {args.pairs} pairs, sift conf; {platform.processor() or ''} "
+          f"{os.cpu_count()} CPUs; {datetime.date.today()}; ray {ray.__version__}\n")
+    print("| backend | images/s | start-up s | pairs/s | descriptor MiB put per pair |")
+    print("|---|---:|---:|---:|---:|")
+    for name, ips, startup, pps, mib in rows:
+        print(f"| {name} | {ips:.2f} | {startup:.1f} | {pps:.2f} | {mib:.2f} |")
+    print(json.dumps({"rows": rows, **info}, default=float))
+
+
+if __name__ == "__main__":
+    main()
