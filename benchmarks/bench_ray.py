@@ -120,6 +120,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=60, help="first N exhaustive pairs")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--merge-entries", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=2,
+                        help="runs of each backend, interleaved; the best is kept (the "
+                             "machine may be shared)")
     args = parser.parse_args()
     logging.getLogger("dift_sfm").setLevel(logging.WARNING)
     if not SACRE.is_dir():
@@ -131,26 +134,38 @@ def main() -> None:
         names = _images(tmp / "images", args.copies)
         pairs_path = tmp / "pairs.txt"
         write_pairs(pairs_path, exhaustive_pairs(names)[:args.pairs])
-        wall = _timed(lambda: extract_features(conf, tmp / "images", tmp / "local.h5"))
-        mwall = _timed(lambda: match_features(conf, pairs_path, tmp / "local.h5",
-                                              tmp / "local_m.h5"))
-        rows.append(("local", len(names) / wall, 0.0, args.pairs / mwall, 0.0))
         start = time.perf_counter()
         ray = connect(RayOptions())
         info["cluster_start_s"] = time.perf_counter() - start
-        for workers in args.workers:
-            opts = RayOptions(workers=workers)
-            ext = RayExtractBackend(conf, tmp / "images", opts)
-            wall = _timed(lambda ext=ext, w=workers: extract_features(
-                conf, tmp / "images", tmp / f"ray{w}.h5", backend=ext))
-            mat = RayMatchBackend(conf["matcher"], opts)
-            mwall = _timed(lambda mat=mat, w=workers: match_features(
-                conf, pairs_path, tmp / "local.h5", tmp / f"ray{w}_m.h5", backend=mat))
-            rows.append((f"ray, {workers} worker(s), prep "
-                         f"{'tasks' if ext.stats['prep_slots'] else 'in workers'}",
-                         len(names) / (wall - ext.stats["startup_s"]), ext.stats["startup_s"],
-                         args.pairs / (mwall - mat.stats["startup_s"]),
-                         mat.stats["bytes_shipped"] / args.pairs / 2**20))
+        best: dict[str, tuple] = {}
+        for r in range(args.repeats):
+            out = tmp / f"run{r}"
+            out.mkdir()
+            wall = _timed(lambda o=out: extract_features(conf, tmp / "images", o / "local.h5"))
+            mwall = _timed(lambda o=out: match_features(conf, pairs_path, o / "local.h5",
+                                                        o / "local_m.h5"))
+            runs = [("local", len(names) / wall, 0.0, args.pairs / mwall, 0.0)]
+            for workers in args.workers:
+                opts = RayOptions(workers=workers)
+                ext = RayExtractBackend(conf, tmp / "images", opts)
+                wall = _timed(lambda ext=ext, w=workers, o=out: extract_features(
+                    conf, tmp / "images", o / f"ray{w}.h5", backend=ext))
+                mat = RayMatchBackend(conf["matcher"], opts)
+                mwall = _timed(lambda mat=mat, w=workers, o=out: match_features(
+                    conf, pairs_path, o / "local.h5", o / f"ray{w}_m.h5", backend=mat))
+                runs.append((f"ray, {workers} worker(s), prep "
+                             f"{'tasks' if ext.stats['prep_slots'] else 'in workers'}",
+                             len(names) / (wall - ext.stats["startup_s"]),
+                             ext.stats["startup_s"],
+                             args.pairs / (mwall - mat.stats["startup_s"]),
+                             mat.stats["bytes_shipped"] / args.pairs / 2**20))
+            for row in runs:
+                old = best.get(row[0])
+                best[row[0]] = row if old is None else (
+                    row[0], max(row[1], old[1]), min(row[2], old[2]), max(row[3], old[3]),
+                    row[4])
+        rows = list(best.values())
+        info["load_average"] = os.getloadavg()
         info["overhead"] = ray_overhead(ray)
         info["merge"] = merge_cost(tmp, args.merge_entries)
     print(f"\n{len(names)} images, {args.pairs} pairs, sift conf; {platform.processor() or ''} "

@@ -317,21 +317,14 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
-    import inspect
-
     from .sfm import run_pipeline
 
-    ray_options = ray_options_from_args(args)
-    extra = {} if ray_options is None else {"ray": ray_options}
-    if extra and "ray" not in inspect.signature(run_pipeline).parameters:
-        raise DiftSfmError("reconstruct --ray is not wired into run_pipeline yet: run "
-                           "`dift-sfm extract --ray` and `dift-sfm match --ray` instead.")
     _, summary = run_pipeline(
         conf_from_args(args), args.image_dir, args.output, pairs=args.pairs, window=args.window,
         num_neighbors=args.num_neighbors, retrieval_method=args.retrieval_method,
         image_list=args.image_list, camera_mode=args.camera_mode,
         camera_model=args.camera_model, min_model_size=args.min_model_size,
-        overwrite=args.overwrite, **extra)
+        overwrite=args.overwrite, ray=ray_options_from_args(args))
     print(summary.format())
     if summary.failed_images:  # like `extract`: the rest is done, but say so in the exit code
         logger.error("%d unreadable image(s) are not in the model: %s",

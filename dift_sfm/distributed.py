@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 
 from .errors import DiftSfmError, ImageReadError
-from .images import MAX_PIXELS
+from .images import decode_image
 
 logger = logging.getLogger("dift_sfm")
 
@@ -77,6 +77,9 @@ class RayOptions:
             default: enough to keep every actor busy.
         block_images: most images per matching block.
         window_pairs: pairs per matching window (results are reordered within a window).
+        descriptor_cache_mb: descriptors kept in the object store between windows (MiB); an
+            image already there is not read or sent again (exhaustive pairs revisit every
+            image in every window).
         cpus_per_worker: CPUs each CPU actor reserves (and its torch threads).
     """
 
@@ -86,6 +89,7 @@ class RayOptions:
     max_in_flight: int | None = None
     block_images: int = 64
     window_pairs: int = 2048
+    descriptor_cache_mb: float = 2048
     cpus_per_worker: float = 1.0
     init_kwargs: dict[str, Any] = field(default_factory=dict)
 
@@ -174,42 +178,6 @@ def _matcher_wants_gpu(matcher_conf: dict) -> bool:
 
 
 # --------------------------------------------------------------------------- image bytes
-def decode_image(data: bytes | np.ndarray, path: str | Path) -> np.ndarray:
-    """Decode an image file's bytes exactly as ``dift_sfm.images.read_image`` decodes the file:
-    float32 RGB in [0, 1], (H, W, 3), EXIF orientation ignored. ``path`` names the image in
-    errors (ImageReadError, same messages as ``read_image``)."""
-    buffer = np.frombuffer(data, dtype=np.uint8) if isinstance(data, bytes | bytearray) \
-        else np.asarray(data, np.uint8)
-    flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
-    try:
-        image = cv2.imdecode(buffer, flags) if buffer.size else None
-    except (cv2.error, OSError, MemoryError) as err:
-        raise ImageReadError(f"Could not read image {path}: {err}") from err
-    if image is None:
-        raise ImageReadError(f"Could not decode image {path}: unreadable, truncated or not an "
-                             "image.")
-    if image.shape[0] * image.shape[1] > MAX_PIXELS:
-        raise ImageReadError(f"Image {path} is too large ({image.shape[1]}x{image.shape[0]}).")
-    if image.dtype == np.uint16:
-        image = image.astype(np.float32) / 65535.0
-    elif image.dtype == np.uint8:
-        image = image.astype(np.float32) / 255.0
-    else:
-        image = image.astype(np.float32)
-        if image.max() > 1.0:
-            image /= image.max()
-    if image.ndim == 2:
-        image = image[..., None]
-    channels = image.shape[2]
-    if channels == 1:
-        rgb = np.repeat(image, 3, axis=2)
-    elif channels in (3, 4):
-        rgb = image[..., 2::-1]  # BGR(A) -> RGB, alpha dropped
-    else:
-        raise ImageReadError(f"Image {path} has {channels} channels; expected 1, 3 or 4.")
-    return np.ascontiguousarray(rgb)
-
-
 def read_image_bytes(path: Path) -> bytes:
     """The bytes of an image file; ImageReadError worded as ``read_image`` words it."""
     if not path.is_file():
@@ -569,7 +537,9 @@ class RayMatchBackend:
         self.pool = pool = _Pool(ray, MatchWorker, (self.matcher_conf,), count, gpu,
                                  self.options.cpus_per_worker, "match")
         self.stats = {"workers": count, "startup_s": time.perf_counter() - t0,
-                      "bytes_shipped": 0, "blocks": 0}
+                      "bytes_shipped": 0, "bytes_to_workers": 0, "blocks": 0}
+        self._cache: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self._cached_bytes = 0
         max_blocks = self.options.max_in_flight or 2 * count + 2
         step = self.options.window_pairs
         results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
@@ -591,9 +561,10 @@ class RayMatchBackend:
                     local = [(index[pairs[k][0]], index[pairs[k][1]]) for k in members]
                     i = pool.pick()
                     pending.append((pool.actors[i].match.remote(local,
-                                                                *[refs[n] for n in images]),
+                                                                *[refs[n][0] for n in images]),
                                     members, i))
                     self.stats["blocks"] += 1
+                    self.stats["bytes_to_workers"] += sum(refs[n][1] for n in images)
                 if pending:
                     ready, _ = ray.wait([p[0] for p in pending], num_returns=1,
                                         timeout=0 if next_yield in results else 1.0)
@@ -610,19 +581,37 @@ class RayMatchBackend:
                     next_yield += 1
         finally:
             pool.close()
+            self._cache.clear()
 
     def _put_descriptors(self, ray, features, part, check_same_dim) -> dict[str, Any]:
-        """Object refs of the descriptors of every image of a window (read once each)."""
-        refs: dict[str, Any] = {}
-        dims: dict[str, np.ndarray] = {}
+        """(object ref, bytes) of the descriptors of every image of a window: read from the
+        features file and put into the object store once, or reused from the cache."""
+        refs: dict[str, tuple[Any, int]] = {}
+        dims: dict[str, int] = {}
         for name0, name1 in part:
             for name in (name0, name1):
-                if name not in refs:
-                    desc = features.descriptors(name)
-                    dims[name] = desc[:1]
-                    self.stats["bytes_shipped"] += desc.nbytes
-                    refs[name] = ray.put(desc)
-            check_same_dim(features, name0, dims[name0], name1, dims[name1])
+                if name in refs:
+                    continue
+                if name in self._cache:
+                    self._cache.move_to_end(name)
+                    refs[name] = self._cache[name]
+                    dims[name] = refs[name][2]
+                    continue
+                desc = features.descriptors(name)
+                self.stats["bytes_shipped"] += desc.nbytes
+                refs[name] = self._cache[name] = (ray.put(desc), desc.nbytes, desc.shape[1])
+                dims[name] = desc.shape[1]
+                self._cached_bytes += desc.nbytes
+            if dims[name0] != dims[name1]:
+                check_same_dim(features, name0, np.empty((0, dims[name0])), name1,
+                               np.empty((0, dims[name1])))
+        budget = self.options.descriptor_cache_mb * 2**20
+        while self._cached_bytes > budget and self._cache:
+            name, entry = next(iter(self._cache.items()))
+            if name in refs:
+                break  # everything older is in use by this window
+            self._cache.popitem(last=False)
+            self._cached_bytes -= entry[1]
         return refs
 
 

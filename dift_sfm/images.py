@@ -116,10 +116,27 @@ def read_image(path: Path | str, grayscale: bool = False) -> np.ndarray:
     path = Path(path)
     if not path.is_file():
         raise ImageReadError(f"Image {path} does not exist.")
-    flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
     try:
         data = np.fromfile(str(path), dtype=np.uint8)
-        image = cv2.imdecode(data, flags) if data.size else None
+    except (OSError, MemoryError) as err:
+        raise ImageReadError(f"Could not read image {path}: {err}") from err
+    rgb = decode_image(data, path)
+    if grayscale:
+        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
+    return rgb
+
+
+def decode_image(data: bytes | np.ndarray, path: Path | str) -> np.ndarray:
+    """Decode an image file's bytes: (H, W, 3) float32 RGB in [0, 1], EXIF orientation ignored.
+
+    ``path`` names the image in errors (ImageReadError). ``read_image`` is this on a file's
+    bytes; workers that receive bytes (no shared filesystem) call it directly.
+    """
+    buffer = (np.frombuffer(data, dtype=np.uint8) if isinstance(data, (bytes, bytearray))
+              else np.asarray(data, np.uint8))
+    flags = cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION
+    try:
+        image = cv2.imdecode(buffer, flags) if buffer.size else None
     except (cv2.error, OSError, MemoryError) as err:
         raise ImageReadError(f"Could not read image {path}: {err}") from err
     if image is None:
@@ -144,10 +161,7 @@ def read_image(path: Path | str, grayscale: bool = False) -> np.ndarray:
         rgb = image[..., 2::-1]  # BGR(A) -> RGB, alpha dropped
     else:
         raise ImageReadError(f"Image {path} has {channels} channels; expected 1, 3 or 4.")
-    rgb = np.ascontiguousarray(rgb)
-    if grayscale:
-        return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
-    return rgb
+    return np.ascontiguousarray(rgb)
 
 
 def resize_max(image: np.ndarray, max_size: int | None) -> tuple[np.ndarray, tuple[float, float]]:

@@ -13,6 +13,7 @@ import numpy as np
 
 from .confs import get_conf, resolve_conf
 from .errors import FormatError
+from .extract import run_ahead
 from .formats.features import FeaturesReader, feature_settings
 from .formats.h5store import ShardedH5Writer
 from .formats.matches import (
@@ -36,7 +37,13 @@ PairMatches = tuple[tuple[str, str], np.ndarray, np.ndarray]  # pair, matches0, 
 
 
 class LocalBackend:
-    """Matches pairs in this process with the conf's matcher, one pair per call.
+    """Matches pairs on this machine with the conf's matcher, many pairs per device call.
+
+    Three stages overlap: a reader thread reads the descriptors of the next pairs from the
+    features file and moves them to the matcher's device (normalised, kept resident for the
+    ``cache_size`` images used last); a matcher thread matches ``matcher.pair_batch``
+    consecutive pairs per batched product (``MNN.match_prepared``); the caller writes the
+    results meanwhile. Pairs keep their order.
 
     ``__call__(pairs, features)`` yields ``(pair, matches0 (N0,), scores0 (N0,))`` in order.
     """
@@ -47,30 +54,57 @@ class LocalBackend:
 
     def __call__(self, pairs: list[tuple[str, str]],
                  features: FeaturesReader) -> Iterator[PairMatches]:
-        cache: OrderedDict[str, np.ndarray] = OrderedDict()
+        if not pairs:
+            return
+        batch = getattr(self.matcher, "pair_batch", 1)
+        ahead = max(1, int(self.matcher.conf.get("prefetch") or 1) // batch)
+        loaded = run_ahead(self._load(pairs, features, batch), ahead, "dift-sfm-read")
+        yield from run_ahead(self._match(loaded), 2, "dift-sfm-match")
 
-        def descriptors(name: str) -> np.ndarray:
+    def _load(self, pairs: list[tuple[str, str]], features: FeaturesReader,
+              batch: int) -> Iterator[tuple[list[tuple[str, str]], list, list]]:
+        """Batches of (pairs, desc0 tensors, desc1 tensors), descriptors on the device."""
+        prepare = getattr(self.matcher, "prepare", None)
+        cache: OrderedDict[str, Any] = OrderedDict()
+
+        def descriptors(name: str):
             if name not in cache:
-                cache[name] = features.descriptors(name)
+                d = features.descriptors(name)
+                cache[name] = prepare(d) if prepare is not None else d
                 if len(cache) > self.cache_size:
                     cache.popitem(last=False)
             cache.move_to_end(name)
             return cache[name]
 
-        for name0, name1 in pairs:
-            d0, d1 = descriptors(name0), descriptors(name1)
-            check_same_dim(features, name0, d0, name1, d1)
-            m0, s0 = self.matcher(d0, d1)
-            yield (name0, name1), m0, s0
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start:start + batch]
+            d0s, d1s = [], []
+            for name0, name1 in chunk:
+                d0, d1 = descriptors(name0), descriptors(name1)
+                check_same_dim(features, name0, d0, name1, d1)
+                d0s.append(d0)
+                d1s.append(d1)
+            yield chunk, d0s, d1s
+
+    def _match(self, loaded: Iterator[tuple[list[tuple[str, str]], list, list]]
+               ) -> Iterator[PairMatches]:
+        match_prepared = getattr(self.matcher, "match_prepared", None)
+        for chunk, d0s, d1s in loaded:
+            if match_prepared is not None:
+                results = match_prepared(d0s, d1s)
+            else:
+                results = [self.matcher(d0, d1) for d0, d1 in zip(d0s, d1s, strict=True)]
+            for pair, (m0, s0) in zip(chunk, results, strict=True):
+                yield pair, m0, s0
 
 
 def check_same_dim(features: FeaturesReader, name0: str, d0: np.ndarray, name1: str,
                    d1: np.ndarray) -> None:
     """Refuse to match descriptors of different sizes (a file mixing two confs)."""
-    if d0.shape[1] != d1.shape[1]:
+    if d0.shape[-1] != d1.shape[-1]:
         raise FormatError(
             f"Features file {features.path} mixes descriptor sizes: '{name0}' has "
-            f"{d0.shape[1]}, '{name1}' has {d1.shape[1]}. Re-extract with one conf.")
+            f"{d0.shape[-1]}, '{name1}' has {d1.shape[-1]}. Re-extract with one conf.")
 
 
 def conf_for_matching(feature_path: Path | str, name: str | None = None,

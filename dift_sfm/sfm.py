@@ -44,6 +44,8 @@ from .retrieval import retrieval_pairs
 if TYPE_CHECKING:
     import pycolmap
 
+    from .distributed import RayOptions
+
 logger = logging.getLogger("dift_sfm")
 
 __all__ = ["PAIR_STRATEGIES", "make_pairs", "reconstruct", "run_pipeline"]
@@ -172,8 +174,12 @@ def run_pipeline(
     camera_model: str = "SIMPLE_RADIAL",
     min_model_size: int | None = None,
     overwrite: bool = False,
+    ray: RayOptions | None = None,
 ) -> tuple[pycolmap.Reconstruction, ReconstructionSummary]:
     """extract -> pairs -> match -> database -> verify -> map, everything under ``output``.
+
+    With ``ray`` (``dift_sfm.distributed.RayOptions``), extraction and matching run on a Ray
+    cluster (same files as without it).
 
     Files: ``<conf output>.h5`` (features), ``pairs-<strategy>.txt``,
     ``<conf output>_matches.h5``, ``database.db``, ``sparse/0``. Features and matches are
@@ -192,8 +198,15 @@ def run_pipeline(
     failed: dict[str, str] = {}
     timings: dict[str, float] = {}
     try:
+        extract_backend = match_backend = None
+        if ray is not None:
+            from .distributed import RayExtractBackend, RayMatchBackend
+
+            extract_backend = RayExtractBackend(conf, image_dir, ray)
+            match_backend = RayMatchBackend(conf["matcher"], ray)
         with timed(timings, "extract"):
-            extract_features(conf, image_dir, features, image_list=names, overwrite=overwrite)
+            extract_features(conf, image_dir, features, image_list=names, overwrite=overwrite,
+                             backend=extract_backend)
     except PartialFailure as err:
         failed = dict(err.failures)
         logger.error("Continuing without %d unreadable image(s): %s", len(failed),
@@ -208,7 +221,8 @@ def run_pipeline(
                                 retrieval_method, skip=set(failed))
     matches = output / f"{conf['output']}_matches.h5"
     with timed(timings, "match"):
-        match_features(conf, pairs_path, features, matches, overwrite=overwrite)
+        match_features(conf, pairs_path, features, matches, overwrite=overwrite,
+                       backend=match_backend)
     model, summary = reconstruct(output, image_dir, pairs_path, features, matches, camera_mode,
                                  camera_model, image_list=ok, min_model_size=min_model_size,
                                  failed_images=failed)

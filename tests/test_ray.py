@@ -29,14 +29,13 @@ from dift_sfm.distributed import (  # noqa: E402
     RayMatchBackend,
     RayOptions,
     RayUnavailableError,
-    decode_image,
     import_ray,
     plan_blocks,
     worker_pids,
 )
 from dift_sfm.errors import ImageReadError, PartialFailure  # noqa: E402
 from dift_sfm.extract import extract_features  # noqa: E402
-from dift_sfm.images import read_image  # noqa: E402
+from dift_sfm.images import decode_image, read_image  # noqa: E402
 from dift_sfm.match import match_features  # noqa: E402
 from dift_sfm.pairs import exhaustive_pairs, write_pairs  # noqa: E402
 
@@ -187,7 +186,6 @@ def test_worker_killed_during_extract(cluster, sacre, sift_reference, tmp_path: 
                 killed.append(worker_pids(backend)[0])
                 os.kill(killed[0], signal.SIGKILL)
             yield outcome
-        killed.append(worker_pids(backend)[0] if backend.pool.actors else -1)
 
     out = extract_features(conf, SACRE, tmp_path / "feats.h5", backend=killing_backend)
     assert_same_files(sift_reference, out)
@@ -277,3 +275,18 @@ def test_tiny_sd_extract_and_match_equal_single_process(cluster, tmp_path: Path)
                          tmp_path / "m_ray.h5",
                          backend=RayMatchBackend(conf["matcher"], RayOptions(block_images=4)))
     assert_same_files(local, got)
+
+
+def test_reconstruct_with_ray_writes_the_single_process_files(cluster, sacre, tmp_path: Path):
+    """`reconstruct --ray` passes the cluster to both steps: the same features and matches as
+    the single-process pipeline, hence the same model."""
+    from dift_sfm.sfm import run_pipeline
+
+    conf = get_conf("sift", SIFT)
+    _, local = run_pipeline(conf, SACRE, tmp_path / "local", min_model_size=2)
+    _, remote = run_pipeline(conf, SACRE, tmp_path / "ray", min_model_size=2,
+                             ray=RayOptions(workers=2))
+    for name in (f"{conf['output']}.h5", f"{conf['output']}_matches.h5"):
+        assert_same_files(tmp_path / "local" / name, tmp_path / "ray" / name)
+    assert remote.num_registered == local.num_registered >= 2
+    assert set(remote.timings) >= {"extract", "match", "mapping"}

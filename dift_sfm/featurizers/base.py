@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from .. import logger
-from ..sampling import sample_descriptors
 from ..errors import DiftSfmError
+from ..sampling import sample_descriptors
 
 T = TypeVar("T")
 #: CUDA (and other accelerators') out-of-memory error

@@ -25,20 +25,57 @@ def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.bmm(a, b).float()
 
 
-def _top2(sim: torch.Tensor, dim: int, need_second: bool):
-    """Largest value along ``dim``, the mask of where it is, and the second largest value
-    counting ties (equal to the largest when it occurs twice); -inf where there is none.
+#: Columns per block when locating row maxima (similarity blocks are padded to a multiple).
+_BLOCK = 64
 
-    Only value reductions (``amax``) and elementwise passes: on CPUs a reduction that also
-    returns indices, or one across rows, costs several times the matrix product.
+
+def _row_best_two(sim: torch.Tensor, need_second: bool):
+    """Per row of ``sim`` (B, R, C), C a multiple of ``_BLOCK``: the best value, the first
+    column holding it, and the second best value counting ties (the best again if it occurs
+    twice). Lines of -inf (padding) give -inf and index 0.
+
+    Only value reductions and small arg-reductions: CPU ``max(dim)``/``topk`` with indices
+    cost a third of the product. Rows are cut into blocks: the first block holding the
+    maximum, then the first column in it. ``sim`` is modified for the second best and
+    restored exactly.
     """
-    first = sim.amax(dim, keepdim=True)
-    at_first = sim == first
+    bsz, rows, cols = sim.shape
+    blocks = sim.view(bsz, rows, cols // _BLOCK, _BLOCK)
+    block_max = blocks.amax(3)  # (B, R, C / _BLOCK)
+    first, block = block_max.max(2)  # first block holding the maximum
+    inner = blocks.gather(2, block[..., None, None].expand(-1, -1, 1, _BLOCK)).argmax(3)
+    idx = block * _BLOCK + inner.squeeze(2)
     second = None
     if need_second:
-        second = sim.masked_fill(at_first, _NEG_INF).amax(dim)
-        second = torch.where(at_first.sum(dim) >= 2, first.squeeze(dim), second)
-    return first.squeeze(dim), at_first, second
+        at = idx.unsqueeze(2)
+        sim.scatter_(2, at, _NEG_INF)
+        second = sim.amax(2)
+        sim.scatter_(2, at, first.unsqueeze(2))  # exactly the value that was there
+    return first, idx, second
+
+
+def _col_best_two(sim: torch.Tensor, need_second: bool):
+    """Per column of ``sim`` (B, R, C): best and second best value (counting ties), by a
+    pairwise tournament of rows (elementwise max/min only)."""
+    if not need_second:
+        return sim.amax(1), None
+    first, second = sim, None
+    while first.shape[1] > 1:
+        h = first.shape[1] // 2
+        fa, fb = first[:, :h], first[:, h:2 * h]
+        low = torch.minimum(fa, fb)
+        new_second = low if second is None else torch.maximum(
+            low, torch.maximum(second[:, :h], second[:, h:2 * h]))
+        new_first = torch.maximum(fa, fb)
+        if first.shape[1] % 2:  # odd: the last row goes on to the next round as it is
+            rest = first[:, 2 * h:]
+            new_first = torch.cat([new_first, rest], 1)
+            new_second = torch.cat([new_second, torch.full_like(rest, _NEG_INF)
+                                    if second is None else second[:, 2 * h:]], 1)
+        first, second = new_first, new_second
+    if second is None:
+        second = torch.full_like(first, _NEG_INF)
+    return first[:, 0], second[:, 0]
 
 
 @torch.no_grad()
@@ -92,6 +129,7 @@ def mnn_batch(
     n0 = torch.tensor([len(d) for d in d0s], device=device)
     n1 = torch.tensor([len(d) for d in d1s], device=device)
     bsz, m0, m1, dim = len(live), int(n0.max()), int(n1.max()), d0s[0].shape[1]
+    m1 = -(-m1 // _BLOCK) * _BLOCK  # padded columns are masked
     p0 = d0s[0].new_zeros((bsz, m0, dim))
     p1 = d0s[0].new_zeros((bsz, m1, dim))
     for b in range(bsz):
@@ -99,9 +137,12 @@ def mnn_batch(
         p1[b, :len(d1s[b])] = d1s[b]
     q0, q1t = (p0.half(), p1.half().transpose(1, 2)) if half else (p0, p1.transpose(1, 2))
     ar0, ar1 = torch.arange(m0, device=device), torch.arange(m1, device=device)
-    pad_cols = (ar1[None] >= n1[:, None])[:, None] if bool((n1 < m1).any()) else None
     rows_ok = ar0[None] < n0[:, None]  # (B, M0)
-    pad_rows = bool((n0 < m0).any())
+    # additive masks: 0 on real entries (x + 0 == x exactly), -inf on padding
+    col_bias = torch.zeros((bsz, 1, m1), device=device).masked_fill_(
+        (ar1[None] >= n1[:, None])[:, None], _NEG_INF) if bool((n1 < m1).any()) else None
+    row_bias = torch.zeros((bsz, m0, 1), device=device).masked_fill_(
+        ~rows_ok[..., None], _NEG_INF) if bool((n0 < m0).any()) else None
     if metric == "l2":
         sq0, sq1 = (p0 * p0).sum(2), (p1 * p1).sum(2)
     need_second = ratio_threshold is not None
@@ -115,26 +156,21 @@ def mnn_batch(
         sim = _bmm(q0[:, s:e], q1t)  # (B, c, M1)
         if metric == "l2":  # -(|a|^2 + |b|^2 - 2 a.b): -squared distance without the sqrt
             sim.mul_(2).sub_(sq0[:, s:e, None]).sub_(sq1[:, None])
-        if pad_cols is not None:
-            sim.masked_fill_(pad_cols, _NEG_INF)
-        if pad_rows:
-            sim.masked_fill_(~rows_ok[:, s:e, None], _NEG_INF)
+        if col_bias is not None:
+            sim.add_(col_bias)
+        if row_bias is not None:
+            sim.add_(row_bias[:, s:e])
         # rows: best value, its first column, second best
-        rf, at_rf, rs = _top2(sim, 2, need_second)
-        if pad_rows:
-            at_rf &= rows_ok[:, s:e, None]
-        hit = at_rf.nonzero()  # (K, 3): b, row, col; one per row but for ties
-        first = torch.full((bsz * (e - s),), m1, dtype=torch.long, device=device)
-        first.scatter_reduce_(0, hit[:, 0] * (e - s) + hit[:, 1], hit[:, 2], "amin")
+        rf, ri, rs = _row_best_two(sim, need_second)
         best0.append(rf)
-        nn01.append(first.view(bsz, e - s).clamp_max_(m1 - 1))
+        nn01.append(ri)
         second0.append(rs)
         # columns: merge this chunk's best two into the running best two
-        cf, _, cs = _top2(sim, 1, need_second)
+        cf, cs = _col_best_two(sim, need_second)
         if need_second:
             cols = torch.maximum(torch.minimum(colf, cf), torch.maximum(cols, cs))
         colf = torch.maximum(colf, cf)
-        del sim, at_rf, hit
+        del sim
 
     best = torch.cat(best0, 1)
     nn = torch.cat(nn01, 1)
@@ -232,11 +268,16 @@ class MNN:
 
     Conf fields: ``metric`` ('cosine' | 'l2'), ``ratio_threshold`` (Lowe's ratio, both ways, or
     None), ``min_score`` (minimum cosine similarity / maximum L2 distance, or None), ``device``
-    ('auto': CUDA when available).
+    ('auto': CUDA when available), ``pair_batch`` (pairs per batched product; 'auto': 32 on
+    CUDA, 1 elsewhere, where batching gains nothing), ``prefetch`` (pairs whose descriptors
+    are read ahead), ``fp16`` ('auto': on CUDA; products in float16 with fp32 accumulation,
+    scores still exact fp32; false: fp32 everywhere, bit-identical to one pair at a time on
+    CPUs).
     """
 
     default_conf: dict = {"name": "mnn", "metric": "cosine", "ratio_threshold": None,
-                          "min_score": None, "device": "auto"}
+                          "min_score": None, "device": "auto", "pair_batch": "auto",
+                          "prefetch": 256, "fp16": "auto"}
 
     def __init__(self, conf: dict | None = None):
         self.conf = {**self.default_conf, **(conf or {})}
@@ -245,11 +286,25 @@ class MNN:
         from ..featurizers.base import resolve_device
 
         self.device = resolve_device(self.conf["device"])
+        cuda = self.device.type == "cuda"
+        batch = self.conf["pair_batch"]
+        self.pair_batch = max(1, int(32 if cuda else 1) if batch in (None, "auto") else int(batch))
+        half = self.conf["fp16"]
+        self.half = cuda if half in (None, "auto") else bool(half)
 
     def __call__(self, desc0: np.ndarray | torch.Tensor,
                  desc1: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Match (N0, D) against (N1, D): (matches0 (N0,) int64 or -1, scores0 (N0,) float32)."""
+        return self.match_prepared([self.prepare(desc0)], [self.prepare(desc1)])[0]
+
+    def prepare(self, desc: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """(N, D) descriptors as a float32 tensor on the matcher's device, normalised for
+        cosine: what ``match_prepared`` takes (keep it to match the image again)."""
+        return prepare_descriptors(desc, self.conf["metric"], self.device)
+
+    def match_prepared(self, desc0: Sequence[torch.Tensor], desc1: Sequence[torch.Tensor]
+                       ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Match pair b = (desc0[b], desc1[b]) for every b, in one batched computation."""
         c = self.conf
-        return mutual_nearest_neighbours(desc0, desc1, metric=c["metric"],
-                                         ratio_threshold=c["ratio_threshold"],
-                                         min_score=c["min_score"], device=self.device)
+        return mnn_batch(desc0, desc1, metric=c["metric"], ratio_threshold=c["ratio_threshold"],
+                         min_score=c["min_score"], half=self.half and self.device.type != "cpu")
