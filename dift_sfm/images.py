@@ -23,8 +23,10 @@ MAX_PIXELS = 180_000_000
 
 #: The ``preprocessing`` conf section at its defaults: ``resize_max`` (longer side, px, or None)
 #: before keypoints and description; ``min_size`` (shorter side, px) below which an image is
-#: refused; ``as_half`` stores descriptors as float16.
-PREPROCESSING_DEFAULTS = {"resize_max": None, "min_size": 16, "as_half": False}
+#: refused; ``as_half`` stores descriptors as float16; ``num_workers``: threads that read,
+#: resize and detect ahead of the featurizer (None: min(8, CPU cores); 0: none).
+PREPROCESSING_DEFAULTS = {"resize_max": None, "min_size": 16, "as_half": False,
+                          "num_workers": None}
 
 
 def list_images(image_dir: Path | str) -> list[str]:

@@ -28,6 +28,7 @@ RUNTIME_KEYS = frozenset(
         "compile_mode",
         "channels_last",
         "device",
+        "fp16",  # matcher: fp16 products on CUDA; scores stay exact fp32, near-ties may differ
         "num_workers",
         "pair_batch",
         "prefetch",
