@@ -337,8 +337,9 @@ def extract_features(
                     conf.get("name", ""), len(todo), len(names) - len(todo), feature_path)
         failures: dict[str, str] = {}
         as_half = conf["preprocessing"]["as_half"]
-        backend = backend or LocalBackend(conf, image_dir, featurizer,
-                                          num_workers=conf["preprocessing"]["num_workers"])
+        pre = conf["preprocessing"]
+        backend = backend or LocalBackend(conf, image_dir, featurizer, pre["num_workers"],
+                                          pre["worker_type"])
         for name, result in progress(backend(todo), total=len(todo), desc="extract", unit="img"):
             if isinstance(result, ImageReadError):
                 failures[name] = str(result)

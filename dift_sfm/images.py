@@ -23,10 +23,11 @@ MAX_PIXELS = 180_000_000
 
 #: The ``preprocessing`` conf section at its defaults: ``resize_max`` (longer side, px, or None)
 #: before keypoints and description; ``min_size`` (shorter side, px) below which an image is
-#: refused; ``as_half`` stores descriptors as float16; ``num_workers``: threads that read,
-#: resize and detect ahead of the featurizer (None: min(8, CPU cores); 0: none).
+#: refused; ``as_half`` stores descriptors as float16; ``num_workers``: workers that read,
+#: resize and detect ahead of the featurizer (None: min(8, CPU cores); 0: none), threads or
+#: spawned processes (``worker_type``: 'thread' | 'process').
 PREPROCESSING_DEFAULTS = {"resize_max": None, "min_size": 16, "as_half": False,
-                          "num_workers": None}
+                          "num_workers": None, "worker_type": "thread"}
 
 
 def list_images(image_dir: Path | str) -> list[str]:

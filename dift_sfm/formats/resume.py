@@ -32,6 +32,7 @@ RUNTIME_KEYS = frozenset(
         "num_workers",
         "pair_batch",
         "prefetch",
+        "worker_type",
     }
 )
 
