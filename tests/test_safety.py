@@ -371,3 +371,21 @@ def test_help_texts_and_conf_summaries():
     assert "ratio=0.8" in summaries["sift"]
     with pytest.raises(DiftSfmError):
         get_conf("dift-sd", {"featurizer": 3})
+
+
+def test_colmap_import_refuses_matches_of_other_features(images, tmp_path):
+    """The stale-matches repro, one step later: the database must never get them."""
+    from dift_sfm.colmap.database import create_database, import_into_database
+
+    a = extract_features(get_conf("sift"), images, tmp_path / "A.h5")
+    b = extract_features(get_conf("sift", {"keypoints.max_keypoints": 4000}), images,
+                         tmp_path / "B.h5")  # same counts where < 4000: only provenance tells
+    pairs = tmp_path / "pairs.txt"
+    write_pairs(pairs, exhaustive_pairs(list_names(a)))
+    m = match_features(conf_for_matching(a), pairs, a, tmp_path / "m.h5")
+    db = tmp_path / "database.db"
+    create_database(db, images, list_names(a))
+    with pytest.raises(FormatError, match="computed from other features"):
+        import_into_database(db, b, m, pairs)
+    stats = import_into_database(db, a, m, pairs)
+    assert stats.num_pairs == len(exhaustive_pairs(list_names(a)))
