@@ -17,6 +17,9 @@ random weights (+ ``FILE.json`` flags) for ``dift-sfm extract --conf dift-adm`` 
 
     python benchmarks/bench_adm.py --device cpu --size 256 --ensemble 1            # CPU
     python benchmarks/bench_adm.py --device cuda --size 768 --ensemble 4 --dtype bf16  # paper
+
+Each measurement is printed at once as a JSON line ``{"variant": ..., "stage": ...}`` (flushed),
+so a run cut short keeps what it measured; the last line is the summary JSON.
 """
 
 from __future__ import annotations
@@ -203,6 +206,11 @@ def write_model(path: str | Path, arch: str = "adm256", device: str = "auto") ->
     return path
 
 
+def emit(record: dict) -> None:
+    """Print ``record`` as one JSON line, flushed (the log keeps it even if the run is killed)."""
+    print(json.dumps(record), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--size", type=int, default=256, help="input side (square), px")
@@ -246,7 +254,7 @@ def main() -> None:
     name = device.type if device.type != "cuda" else torch.cuda.get_device_name(device)
     print(f"device {name}, threads {torch.get_num_threads()}, {args.size}x{args.size}, "
           f"ensemble {args.ensemble}, t={args.t}, output block {args.block}, torch "
-          f"{torch.__version__}")
+          f"{torch.__version__}", flush=True)
     rows = []
     ref = None
     if not args.skip_legacy:
@@ -255,6 +263,8 @@ def main() -> None:
                 lambda: legacy_dift_features(model, image, args.t, args.block, noise),
                 device, repeats, warmup)
         rows.append(("legacy (fp32, einsum attention, all skips, full net)", ms, cpu_s, mem))
+        emit({"variant": rows[-1][0], "stage": "result", "ms_per_image": ms,
+              "cpu_s_per_image": cpu_s, "peak_mem_gib": mem})
 
     model.set_compute_dtype(dtype)
     if channels_last:
@@ -275,12 +285,18 @@ def main() -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
     first_s = time.perf_counter() - t0
+    emit({"variant": "ours", "stage": "first_call", "first_call_s": first_s,
+          "compiled": compiler.active})
     ours, ms, cpu_s, mem = measure(ours_fn, device, repeats, warmup)
     label = (f"ours ({str(dtype).split('.')[-1]}, SDPA, early exit, dropped skips"
              + (f", chunk {args.chunk}" if args.chunk else "")
              + (", channels_last" if channels_last else "")
              + (", compile" if compiler.active else "") + ")")
     rows.append((label, ms, cpu_s, mem))
+    compile_s = max(0.0, first_s - ms / 1000)
+    emit({"variant": label, "stage": "result", "ms_per_image": ms, "cpu_s_per_image": cpu_s,
+          "peak_mem_gib": mem, "first_call_s": first_s, "steady_call_s": ms / 1000,
+          "compile_s": compile_s})
 
     unit = "CUDA max_memory_allocated" if device.type == "cuda" else "peak RSS"
     print(f"| variant | ms/image | process CPU s/image | peak memory above weights (GiB, "
@@ -296,9 +312,10 @@ def main() -> None:
         verdict = "same features" if rel < tol else "MISMATCH"
         print(f"ours vs legacy: max abs diff {diff:.2e}, relative L2 {rel:.2e} "
               f"(max |ref| {ref.abs().max().item():.2f}) -> {verdict}")
-    print(f"first call of ours {first_s:.1f} s (compile included)")
+    print(f"first call of ours {first_s:.1f} s = compile ~{compile_s:.1f} s + steady call "
+          f"{ms / 1000:.3f} s")
     print(json.dumps({"device": name, "size": args.size, "ensemble": args.ensemble,
-                      "first_call_s": first_s,
+                      "first_call_s": first_s, "compile_s": compile_s,
                       "rows": [{"variant": r[0], "ms_per_image": r[1], "cpu_s_per_image": r[2],
                                 "peak_mem_gib": r[3]} for r in rows]}))
 

@@ -16,6 +16,11 @@ the timing then runs all variants interleaved in one process:
 
 On CUDA every variant is measured (memory and time) in its own process (``--isolated``, the
 default there); on CPU the timing runs all variants interleaved in one process instead.
+Variants run in the order public, ours, ours-b4 (cheapest and most important first); each
+prints a JSON line ``{"variant": ..., "stage": ...}`` as soon as it is measured (``first_call``:
+the first call's time, compile included; ``result``: the full result, with ``first_call_s``,
+``steady_call_s`` and ``compile_s`` = their difference), so a run cut short keeps the finished
+variants. ``--no-public`` skips the public variant (e.g. a second run for ``--batch 4``).
 ``--arch tiny`` swaps in a small SD-like model (for smoke tests); ``--write-model DIR`` saves the
 random model as a diffusers folder (+ ``prompt_embeds.safetensors``) and exits.
 
@@ -185,7 +190,8 @@ def make_variants(variants: list[str], args, device: torch.device, dtype: torch.
         if channels_last:
             unet_o.to(memory_format=torch.channels_last)
             vae_o.to(memory_format=torch.channels_last)
-        compiler = Compiler("the SD blocks (benchmark)", args.compile_mode)
+        compiler = Compiler("the SD blocks (benchmark)", args.compile_mode,
+                            dynamic_batch=args.compile_dynamic_batch)
         if compile_:
             setup_compile_cache()
             compile_sd(unet_o, vae_o, args.up_ft_index, compiler)
@@ -211,16 +217,25 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
+def emit(record: dict) -> None:
+    """Print ``record`` as one JSON line, flushed (the log keeps it even if the run is killed)."""
+    print(json.dumps(record), flush=True)
+
+
 def child(args) -> None:
     """One variant in a fresh process: peak memory of one run (after a warm-up) + features;
-    with ``--isolated`` also its timing."""
+    with ``--isolated`` also its timing. Prints a ``first_call`` JSON line once compiled."""
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
+    t_build = time.perf_counter()
     fn = make_variants([args.variant], args, device, dtype)[args.variant]
+    build_s = time.perf_counter() - t_build
     t0 = time.perf_counter()
     fn()
     _sync(device)
     first_s = time.perf_counter() - t0
+    emit({"variant": args.variant, "stage": "first_call", "first_call_s": first_s,
+          "build_s": build_s})
     base, peak, stop = _rss(), [0], threading.Event()
 
     def poll():
@@ -238,7 +253,7 @@ def child(args) -> None:
     thread.join()
     mem = (torch.cuda.max_memory_allocated() if device.type == "cuda"
            else max(peak[0], _rss()) - base)
-    result = {"peak_mem_bytes": int(mem), "first_call_s": first_s}
+    result = {"peak_mem_bytes": int(mem), "first_call_s": first_s, "build_s": build_s}
     if args.isolated:
         result.update(time_variants([args.variant], args, {args.variant: fn})[args.variant])
     Path(args.out_json).write_text(json.dumps(result))
@@ -309,6 +324,9 @@ def main(argv=None) -> int:
     p.add_argument("--compile", default="auto", choices=["auto", "on", "off"],
                    help="ours: torch.compile the blocks (auto: on CUDA)")
     p.add_argument("--compile-mode", default=None, help="ours: torch.compile mode")
+    p.add_argument("--compile-dynamic-batch", action=argparse.BooleanOptionalAction,
+                   default=False, help="ours: one compiled graph for every batch size "
+                   "(default: static shapes, as the featurizer's default)")
     p.add_argument("--channels-last", default="auto", choices=["auto", "on", "off"])
     p.add_argument("--arch", default="sd21", choices=sorted(ARCHS))
     p.add_argument("--isolated", action=argparse.BooleanOptionalAction, default=None,
@@ -320,6 +338,8 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--public-early-exit", action="store_true",
                    help="also time the public algorithm stopping after the block")
+    p.add_argument("--no-public", dest="public", action="store_false",
+                   help="skip the public variant (speed-ups then come from another run)")
     p.add_argument("--variant", help=argparse.SUPPRESS)
     p.add_argument("--out-json", help=argparse.SUPPRESS)
     p.add_argument("--out-features", help=argparse.SUPPRESS)
@@ -337,8 +357,14 @@ def main(argv=None) -> int:
         return 0
 
     flops = count_flops(args)
-    variants = ["public", *(["public-early-exit"] if args.public_early_exit else []),
+    variants = [*(["public"] if args.public else []),
+                *(["public-early-exit"] if args.public_early_exit else []),
                 *("ours" if b == 1 else f"ours-b{b}" for b in args.batch)]
+    h, w = args.size
+    mode = "each in its own process" if args.isolated else "timed in one process"
+    print(f"DIFT-SD, SD-2.1 architecture ({args.arch}, random weights), {w}x{h}, ensemble "
+          f"{args.ensemble}, t={args.t}, up_blocks[{args.up_ft_index}]; variants "
+          f"{', '.join(variants)} ({mode})", flush=True)
     results, feats = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for v in variants:
@@ -350,24 +376,28 @@ def main(argv=None) -> int:
                    *(["--chunk", str(args.chunk)] if args.chunk else []),
                    "--seed", str(args.seed), "--compile", args.compile,
                    *(["--compile-mode", args.compile_mode] if args.compile_mode else []),
+                   "--compile-dynamic-batch" if args.compile_dynamic_batch
+                   else "--no-compile-dynamic-batch",
                    "--channels-last", args.channels_last, "--arch", args.arch,
                    "--warmup", str(args.warmup), "--repeats", str(args.repeats),
                    "--isolated" if args.isolated else "--no-isolated"]
             subprocess.run(cmd, check=True)
             results[v] = json.loads(Path(f"{tmp}/{v}.json").read_text())
             feats[v] = torch.load(f"{tmp}/{v}.pt")
+            if args.isolated:
+                report(v, results, feats, flops)
     if not args.isolated:
         for v, timing in time_variants(variants, args).items():
             results[v].update(timing)
+            report(v, results, feats, flops)
 
-    ref = feats["public"]
-    h, w = args.size
-    print(f"DIFT-SD, SD-2.1 architecture (random weights), {w}x{h}, ensemble {args.ensemble}, "
-          f"t={args.t}, up_blocks[{args.up_ft_index}] -> features {tuple(ref.shape)}")
+    ref = feats[variants[0]]
+    print(f"features {tuple(ref.shape)}; speed-up and differences against "
+          f"{'public' if 'public' in results else variants[0] + ' (no public variant)'}")
     print(f"{'variant':18s} {'device':7s} {'dtype':9s} {'ms/img':>9s} {'CPU s/img':>9s} "
           f"{'peak mem':>10s} {'GFLOP/img':>10s} {'TFLOP/s':>8s} {'speed-up':>8s} "
-          f"{'max|diff|/max|ref|':>18s}")
-    base_ms = results["public"]["ms_per_image"]
+          f"{'max|diff|/max|ref|':>18s} {'1st call':>8s} {'compile':>8s}")
+    base_ms = results[variants[0]]["ms_per_image"]
     for v in variants:
         r = results[v]
         flop = flops["ours" if v.startswith("ours") else v]
@@ -376,15 +406,35 @@ def main(argv=None) -> int:
               f"{r['cpu_s_per_image']:9.2f} "
               f"{r['peak_mem_bytes'] / 2**30:8.2f}Gi {flop / 1e9:10.1f} "
               f"{flop / (r['ms_per_image'] / 1000) / 1e12:8.3f} "
-              f"{base_ms / r['ms_per_image']:7.2f}x {diff:18.2e}")
+              f"{base_ms / r['ms_per_image']:7.2f}x {diff:18.2e} {r['first_call_s']:7.1f}s "
+              f"{r['compile_s']:7.1f}s")
     for v in variants[1:]:
         cos = torch.nn.functional.cosine_similarity(feats[v].flatten(1), ref.flatten(1)).item()
-        print(f"{v} vs public: cosine similarity {cos:.6f}, first call "
-              f"{results[v]['first_call_s']:.1f} s (compile included)")
+        print(f"{v} vs {variants[0]}: cosine similarity {cos:.6f}")
     print(json.dumps({"args": {k: v for k, v in vars(args).items() if not k.startswith("out")},
-                      "results": results, "flops": flops}))
+                      "results": results, "flops": flops}), flush=True)
     return 0
 
+
+def report(v: str, results: dict[str, dict], feats: dict[str, torch.Tensor],
+           flops: dict[str, float]) -> None:
+    """Complete ``results[v]`` (steady call time, compile time, speed-up and difference against
+    public when measured) and print it at once: a readable line and a ``result`` JSON line."""
+    r = results[v]
+    r["steady_call_s"] = r["ms_per_image"] * batch_of(v) / 1000
+    r["compile_s"] = max(0.0, r["first_call_s"] - r["steady_call_s"])
+    r["gflop_per_image"] = flops["ours" if v.startswith("ours") else v] / 1e9
+    line = (f"-> {v}: {r['ms_per_image']:.1f} ms/img (mean {r['mean_ms_per_image']:.1f}), peak "
+            f"{r['peak_mem_bytes'] / 2**30:.2f} GiB, first call {r['first_call_s']:.1f} s = "
+            f"compile ~{r['compile_s']:.1f} s + steady call {r['steady_call_s']:.3f} s")
+    if "public" in results and v != "public":
+        pub, ref = results["public"], feats["public"]
+        r["speedup_vs_public"] = pub["ms_per_image"] / r["ms_per_image"]
+        r["max_rel_diff_vs_public"] = ((feats[v] - ref).abs().max() / ref.abs().max()).item()
+        line += (f", {r['speedup_vs_public']:.2f}x public, max|diff|/max|ref| "
+                 f"{r['max_rel_diff_vs_public']:.2e}")
+    print(line, flush=True)
+    emit({"variant": v, "stage": "result", **r})
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -486,7 +486,9 @@ def test_compiled_blocks_equal_eager(tiny: Path, embeds_file: Path, monkeypatch,
     want = f.dense(img).features
 
     torch._dynamo.reset()
-    monkeypatch.setattr(base.Compiler, "_options", lambda self: {"backend": "eager"})
+    options = base.Compiler._options
+    monkeypatch.setattr(base.Compiler, "_options",
+                        lambda self: {**options(self), "backend": "eager"})
     traced = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64], compile=True)
     assert traced.compiler.active
     torch.testing.assert_close(traced.dense(img).features, want, rtol=1e-5, atol=1e-6)
@@ -501,6 +503,44 @@ def test_compiled_blocks_equal_eager(tiny: Path, embeds_file: Path, monkeypatch,
         got = failing.dense(img).features
     assert "running it eagerly" in caplog.text and not failing.compiler.active
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+    torch._dynamo.reset()
+
+
+def test_compiled_blocks_do_not_recompile(tiny: Path, embeds_file: Path, monkeypatch):
+    """Compiled (dynamo, eager backend) with the featurizer's options: another image of the
+    same size reuses every graph, and batches of 2 and 3 images share one graph per block
+    (dynamic batch dim); the features equal the eager ones."""
+    from torch._dynamo.utils import counters
+
+    from dift_sfm.featurizers import base
+
+    images = [texture(64, 64, seed=s).astype(np.float32) / 255 for s in range(5)]
+    eager = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64])
+    want = [d.features for d in eager.dense_batch(images)]
+
+    torch._dynamo.reset()
+    counters.clear()
+    options = base.Compiler._options
+    monkeypatch.setattr(base.Compiler, "_options",
+                        lambda self: {**options(self), "backend": "eager"})
+    f = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64], compile=True,
+                    compile_dynamic_batch=True, batch_size=3)
+    assert f.compiler.active and f.compiler.dynamic_batch
+
+    def graphs() -> int:
+        return counters["stats"]["unique_graphs"]
+
+    got = [f.dense(images[0]).features]
+    n_single = graphs()
+    got.append(f.dense(images[1]).features)
+    assert graphs() == n_single  # same size, batch 1: no recompile
+    got += [d.features for d in f.dense_batch(images[2:4])]
+    n_batch = graphs()
+    got += [d.features for d in f.dense_batch(images[:3])]
+    assert graphs() == n_batch  # batch 3 reuses batch 2's graphs
+    assert f.compiler.active
+    for g, w in zip(got, [*want[:4], *want[:3]], strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)
     torch._dynamo.reset()
 
 

@@ -247,6 +247,25 @@ def halve_on_oom(run: Callable[[int], T], chunk: int, device: torch.device | Non
             torch.cuda.empty_cache()
 
 
+def _raise_recompile_limit(limit: int) -> None:
+    """Raise dynamo's per-function recompile limit (``cache_size_limit`` before torch 2.6)."""
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if isinstance(getattr(dynamo_config, name, None), int):
+            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
+            return
+
+
+def _mark_batch_dynamic(values: Sequence[Any]) -> None:
+    """``maybe_mark_dynamic`` dim 0 of the tensors in ``values`` (recursing into tuples/lists)."""
+    for x in values:
+        if isinstance(x, torch.Tensor) and x.dim() > 0:
+            torch._dynamo.maybe_mark_dynamic(x, 0)
+        elif isinstance(x, (tuple, list)):
+            _mark_batch_dynamic(x)
+
+
 class Compiler:
     """``torch.compile`` modules or methods in place, with a way back to eager mode.
 
@@ -255,8 +274,14 @@ class Compiler:
     logged warning and ``fn()`` is run again. Out-of-memory and DiftSfmError pass through.
     """
 
-    def __init__(self, what: str, mode: str | None = None, backend: str | Callable = "inductor"):
+    #: dynamo's per-function cache entries (recompile_limit) at least: blocks of one class share
+    #: a code object, one entry per instance and shape, and past the limit dynamo runs it eagerly
+    RECOMPILE_LIMIT = 64
+
+    def __init__(self, what: str, mode: str | None = None, backend: str | Callable = "inductor",
+                 dynamic_batch: bool = False):
         self.what, self.mode, self.backend = what, mode, backend
+        self.dynamic_batch = dynamic_batch
         self._undo: list[Callable[[], None]] = []
 
     @property
@@ -269,8 +294,24 @@ class Compiler:
                 **({"mode": self.mode} if self.mode else {})}
 
     def module(self, module: torch.nn.Module) -> None:
-        """Compile ``module``'s calls (its hooks stay outside the compiled graph's caller)."""
-        module.compile(**self._options())
+        """Compile ``module``'s calls (its hooks stay outside the compiled graph's caller).
+
+        With ``dynamic_batch`` the first dim of every tensor argument (also in tuples and lists)
+        is marked dynamic before each call, so one graph serves every batch size > 1 (size 1 is
+        specialised by dynamo) and the persistent cache serves other batch sizes too.
+        """
+        _raise_recompile_limit(self.RECOMPILE_LIMIT)
+        if not self.dynamic_batch:
+            module.compile(**self._options())
+        else:
+            compiled = torch.compile(module._call_impl, **self._options())
+
+            def call(*args: Any, **kwargs: Any) -> Any:
+                _mark_batch_dynamic(args)
+                _mark_batch_dynamic(tuple(kwargs.values()))
+                return compiled(*args, **kwargs)
+
+            module._compiled_call_impl = call
 
         def undo() -> None:
             module._compiled_call_impl = None

@@ -26,6 +26,7 @@ antialiased), never cropped or padded.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import numpy as np
@@ -154,12 +155,20 @@ def size_multiple(unet, vae) -> int:
     return vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
 
 
+#: dynamo's note on diffusers' lru_cache-wrapped ``is_torch_version`` in upsampling.py (harmless)
+_LRU_CACHE_WARNING = (r"Dynamo detected a call to a `functools\.lru_cache`-wrapped function at "
+                      r"'upsampling\.py:\d+'")
+
+
 def compile_sd(unet, vae, up_ft_index: int, compiler: Compiler) -> None:
     """torch.compile what runs: the VAE encoder and the UNet blocks up to ``up_blocks[i]``.
 
     Blocks are compiled one by one, not the UNet: its early exit is an exception raised by a
     hook on ``up_blocks[i]``, so that block's own call stays eager and its children compile.
+    With ``compiler.dynamic_batch`` one graph per block serves every batch size > 1 (the UNet
+    sees ensemble x batch samples), so batch 1 and batch 4 share graphs and the cache.
     """
+    warnings.filterwarnings("ignore", message=_LRU_CACHE_WARNING, category=UserWarning)
     compiler.module(vae.encoder)
     for block in [*unet.down_blocks, unet.mid_block, *unet.up_blocks[:up_ft_index]]:
         compiler.module(block)
@@ -193,6 +202,7 @@ class SDFeaturizer(DenseFeaturizer):
         "channels_last": "auto",     # auto: on CUDA
         "compile": "auto",           # torch.compile; auto: on CUDA (eager fallback on failure)
         "compile_mode": None,        # torch.compile mode, e.g. "max-autotune"
+        "compile_dynamic_batch": False,  # true: one compiled graph for any batch size
     }
 
     def __init__(self, conf: dict | None = None):
@@ -234,7 +244,8 @@ class SDFeaturizer(DenseFeaturizer):
                         "computing one.")
         self.chunk_size = max(1, int(c["chunk_size"] or self.ensemble * self.batch_size))
         cuda_speedups(self.device)
-        self.compiler = Compiler("the SD UNet/VAE blocks", c["compile_mode"])
+        self.compiler = Compiler("the SD UNet/VAE blocks", c["compile_mode"],
+                                 dynamic_batch=bool(c["compile_dynamic_batch"]))
         if resolve_flag(c["compile"], self.device):
             setup_compile_cache()
             compile_sd(self.unet, self.vae, int(c["up_ft_index"]), self.compiler)

@@ -26,6 +26,7 @@ RUNTIME_KEYS = frozenset(
         "chunk_size",
         "compile",
         "compile_mode",
+        "compile_dynamic_batch",
         "channels_last",
         "device",
         "fp16",  # matcher: fp16 products on CUDA; scores stay exact fp32, near-ties may differ
