@@ -59,7 +59,8 @@ class LocalBackend:
         batch = getattr(self.matcher, "pair_batch", 1)
         ahead = max(1, int(self.matcher.conf.get("prefetch") or 1) // batch)
         loaded = run_ahead(self._load(pairs, features, batch), ahead, "dift-sfm-read")
-        yield from run_ahead(self._match(loaded), 2, "dift-sfm-match")
+        for results in run_ahead(self._match(loaded), 2, "dift-sfm-match"):
+            yield from results  # one hand-over per batch, not per pair
 
     def _load(self, pairs: list[tuple[str, str]], features: FeaturesReader,
               batch: int) -> Iterator[tuple[list[tuple[str, str]], list, list]]:
@@ -87,15 +88,15 @@ class LocalBackend:
             yield chunk, d0s, d1s
 
     def _match(self, loaded: Iterator[tuple[list[tuple[str, str]], list, list]]
-               ) -> Iterator[PairMatches]:
+               ) -> Iterator[list[PairMatches]]:
+        """The results of each batch, as one list."""
         match_prepared = getattr(self.matcher, "match_prepared", None)
         for chunk, d0s, d1s in loaded:
             if match_prepared is not None:
                 results = match_prepared(d0s, d1s)
             else:
                 results = [self.matcher(d0, d1) for d0, d1 in zip(d0s, d1s, strict=True)]
-            for pair, (m0, s0) in zip(chunk, results, strict=True):
-                yield pair, m0, s0
+            yield [(pair, m0, s0) for pair, (m0, s0) in zip(chunk, results, strict=True)]
 
 
 def check_same_dim(features: FeaturesReader, name0: str, d0: np.ndarray, name1: str,
@@ -194,7 +195,7 @@ def _match(conf: dict, pairs_path: Path, features: FeaturesReader, match_path: P
     check_pair_keys(pairs, f"pairs file {pairs_path}")
     mconf = conf["matcher"]
     logger.info("Matching with %s", json.dumps(mconf))
-    writer = ShardedH5Writer(match_path, is_complete_matches, shard_entries=256,
+    writer = ShardedH5Writer(match_path, is_complete_matches, shard_entries=4096,
                              root_attrs={"conf": conf.get("name", ""),
                                          "matcher_json": json.dumps(mconf)})
     fingerprints: dict[str, str] = {}

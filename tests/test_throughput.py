@@ -226,3 +226,55 @@ def test_match_features_batched_equals_one_pair_at_a_time(tmp_path):
     assert_same_file(*outs)
     matcher = get_matcher(get_conf("sift")["matcher"])
     assert matcher.pair_batch >= 1
+
+
+def test_kill_9_during_match_then_resume_is_identical(tmp_path):
+    """`dift-sfm match` killed mid-run (entries flushed, shard still open): the rerun
+    salvages the flushed entries and ends with the file of an uninterrupted run."""
+    import re
+
+    from dift_sfm.formats.features import feature_datasets, is_complete_features
+    from dift_sfm.formats.h5store import ShardedH5Writer
+
+    rng = np.random.default_rng(7)
+    feats = tmp_path / "f.h5"
+    writer = ShardedH5Writer(feats, is_complete_features, root_attrs={"conf": "sift"})
+    names = [f"{i:02d}.jpg" for i in range(16)]
+    for name in names:
+        n = 2048
+        d = rng.standard_normal((n, 128)).astype(np.float32)
+        writer.write(name, feature_datasets(rng.random((n, 2)).astype(np.float32) * 100, d,
+                                            np.ones(n, np.float32), (100, 100), False))
+    writer.finalize()
+    pairs = tmp_path / "pairs.txt"
+    write_pairs(pairs, exhaustive_pairs(names))  # 120 pairs, several seconds on a CPU
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+
+    def cmd(out):
+        return [sys.executable, "-m", "dift_sfm.cli", "match", str(pairs), "--features",
+                str(feats), "--output", str(out), "--conf", "sift"]
+
+    out = tmp_path / "m.h5"
+    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    parts = tmp_path / "m.h5.parts"
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(parts.glob("*.tmp")) and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(1.5)  # past the writer's flush interval (1 s): some entries are on disk
+    assert proc.poll() is None, "the run ended before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and list(parts.glob("*.tmp"))
+    result = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    done = re.search(r"\((\d+) already done\)", result.stderr)
+    assert done and 0 < int(done.group(1)) < 120, result.stderr
+    ref = tmp_path / "ref.h5"
+    result = subprocess.run(cmd(ref), env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert_same_file(out, ref)
+    with h5py.File(out) as a, h5py.File(ref) as b:
+        assert dict(a.attrs) == dict(b.attrs)
+        for key in ("00.jpg/01.jpg", "05.jpg/12.jpg"):
+            assert dict(a[key].attrs) == dict(b[key].attrs)

@@ -187,7 +187,7 @@ class FeaturesReader:
         group = self._group(name)
         if not is_complete_features(group):
             raise FormatError(f"Entry '{name}' of features file {self.path} is incomplete.")
-        return group["descriptors"][()].T.astype(np.float32)
+        return group["descriptors"][()].T.astype(np.float32, copy=False)  # no copy if fp32
 
     def scores(self, name: str) -> np.ndarray:
         """(N,) float32 keypoint scores of image ``name``."""

@@ -4,8 +4,8 @@ HDF5 files are not crash-safe: a process killed in the middle of a write can lea
 no reader opens. So an output file is never modified in place. New entries go into small shard
 files under ``<output>.parts/`` (written as ``*.tmp``, renamed when closed); ``finalize`` merges
 the old output and the shards into a temporary file that atomically replaces the output. After a
-crash the next run salvages every complete entry of the shards, so finished work is never lost,
-and readers of the output only ever see a complete file.
+crash the next run salvages every complete entry of the shards (the open shard's entries up to
+its last flush, at most a second old), and readers of the output only ever see a complete file.
 
 One writer at a time: the writer holds an exclusive lock on ``<output>.lock`` (``flock``,
 released by the OS when the process dies, so a ``kill -9`` never leaves it stuck: the file
@@ -25,6 +25,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from h5py import h5a, h5d, h5g, h5o, h5p, h5s, h5t
 
 from ..errors import DiftSfmError, FormatError
 
@@ -139,22 +140,38 @@ class ShardedH5Writer:
         path: the output file.
         is_complete: tells whether a group is a complete entry (all datasets, shapes agree).
         root_attrs: attributes to set on the output's root (e.g. the conf that wrote it).
-        shard_entries: entries per shard; at most this much work is lost on a kill -9.
+        shard_entries, shard_seconds: a shard is closed (renamed ``*.h5``, safe from then on)
+            after this many entries or seconds.
+        flush_seconds: the open shard is flushed to disk at most this often (0: after every
+            entry), and whenever it is closed.
+
+    What a ``kill -9`` can lose: the entries written since the open shard's last flush (at most
+    ``flush_seconds`` of work); if the kill hits while HDF5 is writing the shard's metadata,
+    the open shard cannot be read and its entries are lost (at most ``shard_entries`` entries
+    or ``shard_seconds`` of work). Closed shards and the output are never lost.
     """
 
     def __init__(self, path: Path | str, is_complete: Validator,
                  root_attrs: dict | None = None, shard_entries: int = 16,
-                 shard_seconds: float = 30.0):
+                 shard_seconds: float = 30.0, flush_seconds: float = 1.0):
         self.path = Path(path)
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.is_complete = is_complete
         self.root_attrs = dict(root_attrs or {})
         self.shard_entries = shard_entries
         self.shard_seconds = shard_seconds
+        self.flush_seconds = flush_seconds
         self._shard: h5py.File | None = None
         self._shard_path: Path | None = None
         self._shard_count = 0
         self._shard_start = 0.0
+        self._last_flush = 0.0
+        self._shard_keys: set[str] = set()
+        self._shard_clean = True
+        #: shards closed by this writer in which every write succeeded: their keys and the
+        #: root attributes they hold (no need to validate them again when merging)
+        self._closed: dict[Path, tuple[list[str], dict]] = {}
+        self._entry_writer = _EntryWriter()
         self._lock = OutputLock(self.path)
         self._salvage()
 
@@ -221,7 +238,10 @@ class ShardedH5Writer:
             self._shard = h5py.File(self._shard_path, "w", locking=False, libver=LIBVER)
             self._shard.attrs.update(self.root_attrs)  # what the entries were computed with
             self._shard_count = 0
-            self._shard_start = time.monotonic()
+            self._shard_keys = set()
+            self._shard_clean = True
+            self._entry_writer.parents.clear()
+            self._shard_start = self._last_flush = time.monotonic()
         return self._shard
 
     def _close_shard(self) -> None:
@@ -231,7 +251,10 @@ class ShardedH5Writer:
         self._shard.attrs.update(self.root_attrs)
         self._shard.close()
         assert self._shard_path is not None
-        os.replace(self._shard_path, self._shard_path.with_suffix(".h5"))
+        closed = self._shard_path.with_suffix(".h5")
+        os.replace(self._shard_path, closed)
+        if self._shard_clean:
+            self._closed[closed] = (sorted(self._shard_keys), dict(self.root_attrs))
         self._shard = None
 
     def _write_error(self, err: Exception) -> OutputWriteError:
@@ -251,22 +274,28 @@ class ShardedH5Writer:
         try:
             self._write(key, datasets, attrs)
         except (OSError, RuntimeError) as err:
+            self._shard_clean = False  # the entry may be half written: validate when merging
             raise self._write_error(err) from err
 
     def _write(self, key: str, datasets: dict[str, np.ndarray], attrs: dict | None) -> None:
         f = self._open_shard()
-        if key in f:
+        if key in self._shard_keys:
             del f[key]
-        group = f.create_group(key)
-        for name, value in datasets.items():
-            group.create_dataset(name, data=value)
-        for name, value in (attrs or {}).items():
-            group.attrs[name] = value
-        f.flush()
+        try:
+            group = self._entry_writer.create_group(f, key)
+        except ValueError:  # the name exists as the parent of other entries: replace it
+            del f[key]
+            self._entry_writer.parents.clear()
+            group = self._entry_writer.create_group(f, key)
+        self._entry_writer.write(group, datasets, attrs or {})
+        self._shard_keys.add(key)
         self._shard_count += 1
-        if (self._shard_count >= self.shard_entries
-                or time.monotonic() - self._shard_start > self.shard_seconds):
-            self._close_shard()
+        now = time.monotonic()
+        if self._shard_count >= self.shard_entries or now - self._shard_start > self.shard_seconds:
+            self._close_shard()  # closing flushes
+        elif now - self._last_flush >= self.flush_seconds:
+            f.flush()
+            self._last_flush = now
 
     def finalize(self, drop_existing: bool = False) -> None:
         """Merge the output and all shards into a new file that atomically replaces the output.
@@ -282,34 +311,52 @@ class ShardedH5Writer:
     def _finalize(self, drop_existing: bool) -> None:
         self._close_shard()
         shards = self._shards()
-        if not shards and self.path.exists() and not drop_existing and not self._attrs_changed():
+        keep_old = self.path.exists() and not drop_existing
+        if not shards and keep_old and not self._attrs_changed():
+            self._remove_parts()
+            self._lock.release()
+            return
+        own = {s: keys for s, (keys, attrs) in self._closed.items()
+               if s in shards and not _attrs_differ(attrs, self.root_attrs)}
+        if len(shards) == 1 and shards[0] in own and not keep_old:
+            # the shard is exactly what a merge would write: it becomes the output
+            os.replace(shards[0], self.path)
             self._remove_parts()
             self._lock.release()
             return
         tmp = self.path.with_name(self.path.name + ".merging")
-        with h5py.File(tmp, "w", locking=False, libver=LIBVER) as out:
-            from_shards: dict[str, Path] = {}
-            for shard in shards:
-                try:
-                    with h5py.File(shard, "r", locking=False) as f:
-                        for key in iter_entries(f, self.is_complete):
-                            from_shards[key] = shard
-                except OSError as err:
-                    logger.warning("Ignoring unreadable shard %s (%s).", shard, err)
-            if self.path.exists() and not drop_existing:
+        from_shards: dict[str, Path] = {}
+        for shard in shards:
+            if shard in own:  # written here, every write succeeded: no need to validate
+                from_shards.update(dict.fromkeys(own[shard], shard))
+                continue
+            try:
+                with h5py.File(shard, "r", locking=False) as f:
+                    for key in iter_entries(f, self.is_complete):
+                        from_shards[key] = shard
+            except OSError as err:
+                logger.warning("Ignoring unreadable shard %s (%s).", shard, err)
+        # the merge starts from a byte copy of this run's biggest shard (when no old output
+        # is kept): its entries need no copying one by one
+        base = None if keep_old or not own else max(own, key=lambda s: len(own[s]))
+        if base is not None:
+            shutil.copyfile(base, tmp)
+        copier = _EntryCopier(set(own[base]) if base is not None else set())
+        with h5py.File(tmp, "r+" if base is not None else "w", locking=False,
+                       libver=LIBVER) as out:
+            if keep_old:
                 with open_h5(self.path) as old:
                     out.attrs.update(dict(old.attrs))
-                    for key in iter_entries(old, self.is_complete):
-                        if key not in from_shards:
-                            _copy_entry(old, out, key)
+                    copier.copy(old, out, [k for k in iter_entries(old, self.is_complete)
+                                           if k not in from_shards])
             by_shard: dict[Path, list[str]] = {}
             for key, shard in from_shards.items():
                 by_shard.setdefault(shard, []).append(key)
             for shard in shards:
                 with h5py.File(shard, "r", locking=False) as f:
                     out.attrs.update(dict(f.attrs))
-                    for key in by_shard.get(shard, []):
-                        _copy_entry(f, out, key)
+                    if shard != base:
+                        copier.copy(f, out, by_shard.get(shard, []))
             out.attrs.update(self.root_attrs)
         os.replace(tmp, self.path)
         self._remove_parts()
@@ -323,6 +370,7 @@ class ShardedH5Writer:
                        for k, v in self.root_attrs.items())
 
     def _remove_parts(self) -> None:
+        self._closed.clear()
         if self.parts.is_dir():
             shutil.rmtree(self.parts, ignore_errors=True)
 
@@ -336,6 +384,103 @@ class ShardedH5Writer:
             self._shard = None
         finally:
             self._lock.release()
+
+
+def _attrs_differ(a: dict, b: dict) -> bool:
+    return a.keys() != b.keys() or any(_differs(a[k], b[k]) for k in a)
+
+
+class _EntryCopier:
+    """Copies entries between open files as ``_copy_entry`` does, with one HDF5 copy call per
+    entry: ``present`` are the entries the destination holds already."""
+
+    def __init__(self, present: set[str]):
+        self.present = present
+        self.parents: set[str] = set()
+        self.lcpl = h5p.create(h5p.LINK_CREATE)  # what h5py's Group.copy passes
+        self.lcpl.set_create_intermediate_group(True)
+
+    def copy(self, src: h5py.File, dst: h5py.File, keys: Iterable[str]) -> None:
+        for key in keys:
+            if key in self.present:
+                del dst[key]
+            parent = key.rpartition("/")[0]
+            if parent and parent not in self.parents:
+                dst.require_group(parent)
+                self.parents.add(parent)
+            name = _encode(key)
+            try:
+                h5o.copy(src.id, name, dst.id, name, None, self.lcpl)
+            except ValueError:  # the name exists as the parent of other entries
+                _copy_entry(src, dst, key)
+            self.present.add(key)
+
+
+def _encode(name: str) -> bytes:
+    """A name as h5py encodes it (ASCII where it can)."""
+    try:
+        return name.encode("ascii")
+    except UnicodeEncodeError:
+        return name.encode("utf8")
+
+
+class _EntryWriter:
+    """Creates entry groups as the merge links them, and writes an entry's datasets and
+    attributes as h5py's ``create_dataset(name, data=...)``
+    and ``attrs[name] = ...`` do (same types, dataspaces and property lists: identical files),
+    with one low-level call each and the types and property lists built once. Anything but
+    numeric arrays and ``str`` attributes goes through h5py's own calls."""
+
+    def __init__(self):
+        track_order = h5py.get_config().track_order
+        self.gcpl = h5p.create(h5p.GROUP_CREATE)  # as h5py's create_group
+        self.gcpl.set_obj_track_times(False)
+        if track_order:
+            flags = h5p.CRT_ORDER_TRACKED | h5p.CRT_ORDER_INDEXED
+            self.gcpl.set_link_creation_order(flags)
+            self.gcpl.set_attr_creation_order(flags)
+        self.lcpl = h5p.create(h5p.LINK_CREATE)  # as h5py's Group.copy (the merge)
+        self.lcpl.set_create_intermediate_group(True)
+        self.parents: dict[str, h5py.Group] = {}
+        self.dcpl = h5p.create(h5p.DATASET_CREATE)
+        self.dcpl.set_obj_track_times(False)  # h5py's defaults
+        self.dcpl.set_attr_creation_order(
+            h5p.CRT_ORDER_TRACKED | h5p.CRT_ORDER_INDEXED if track_order else 0)
+        self.types: dict[np.dtype, h5t.TypeID] = {}
+        self.str_dtype = h5py.string_dtype()
+        self.str_type = h5t.py_create(self.str_dtype, logical=True)
+        self.str_mtype = h5t.py_create(self.str_dtype)
+
+    def create_group(self, f: h5py.File, key: str) -> h5py.Group:
+        """Group ``key``, linked as the merge's copy links it (parents by ``require_group``),
+        so that a shard holds exactly what the merged output would."""
+        parent, _, leaf = key.rpartition("/")
+        where = f
+        if parent:
+            where = self.parents.get(parent) or self.parents.setdefault(
+                parent, f.require_group(parent))
+        return h5py.Group(h5g.create(where.id, _encode(leaf), lcpl=self.lcpl, gcpl=self.gcpl))
+
+    def write(self, group: h5py.Group, datasets: dict[str, np.ndarray], attrs: dict) -> None:
+        gid = group.id
+        for name, value in datasets.items():
+            if not (isinstance(value, np.ndarray) and value.dtype.kind in "iuf"
+                    and value.dtype.isnative and value.ndim > 0):
+                group.create_dataset(name, data=value)
+                continue
+            data = np.ascontiguousarray(value)
+            tid = self.types.get(data.dtype)
+            if tid is None:
+                tid = self.types[data.dtype] = h5t.py_create(data.dtype, logical=1)
+            dset = h5d.create(gid, _encode(name), tid, h5s.create_simple(data.shape),
+                              dcpl=self.dcpl)
+            dset.write(h5s.ALL, h5s.ALL, data)
+        for name, value in attrs.items():
+            if type(value) is not str:
+                group.attrs[name] = value
+                continue
+            attr = h5a.create(gid, _encode(name), self.str_type, h5s.create_simple(()))
+            attr.write(np.array(value, dtype=self.str_dtype), mtype=self.str_mtype)
 
 
 def _differs(a: object, b: object) -> bool:

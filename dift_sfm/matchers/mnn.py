@@ -126,9 +126,10 @@ def mnn_batch(
         return results  # type: ignore[return-value]
     d0s, d1s = [desc0[b].float() for b in live], [desc1[b].float() for b in live]
     device = d0s[0].device
-    n0 = torch.tensor([len(d) for d in d0s], device=device)
-    n1 = torch.tensor([len(d) for d in d1s], device=device)
-    bsz, m0, m1, dim = len(live), int(n0.max()), int(n1.max()), d0s[0].shape[1]
+    len0, len1 = [len(d) for d in d0s], [len(d) for d in d1s]  # host-side: no device sync
+    n0 = torch.tensor(len0, device=device)
+    n1 = torch.tensor(len1, device=device)
+    bsz, m0, m1, dim = len(live), max(len0), max(len1), d0s[0].shape[1]
     m1 = -(-m1 // _BLOCK) * _BLOCK  # padded columns are masked
     p0 = d0s[0].new_zeros((bsz, m0, dim))
     p1 = d0s[0].new_zeros((bsz, m1, dim))
@@ -140,9 +141,9 @@ def mnn_batch(
     rows_ok = ar0[None] < n0[:, None]  # (B, M0)
     # additive masks: 0 on real entries (x + 0 == x exactly), -inf on padding
     col_bias = torch.zeros((bsz, 1, m1), device=device).masked_fill_(
-        (ar1[None] >= n1[:, None])[:, None], _NEG_INF) if bool((n1 < m1).any()) else None
+        (ar1[None] >= n1[:, None])[:, None], _NEG_INF) if min(len1) < m1 else None
     row_bias = torch.zeros((bsz, m0, 1), device=device).masked_fill_(
-        ~rows_ok[..., None], _NEG_INF) if bool((n0 < m0).any()) else None
+        ~rows_ok[..., None], _NEG_INF) if min(len0) < m0 else None
     if metric == "l2":
         sq0, sq1 = (p0 * p0).sum(2), (p1 * p1).sum(2)
     need_second = ratio_threshold is not None
@@ -196,12 +197,13 @@ def mnn_batch(
     if min_score is not None:
         keep &= best >= min_score if metric == "cosine" else dist(best) <= min_score
     score = best if metric == "cosine" else torch.exp(-dist(best))
-    keep_np = keep.cpu().numpy()
-    nn_np = np.where(keep_np, nn.cpu().numpy(), -1)
-    score_np = np.where(keep_np, score.float().cpu().numpy(), 0).astype(np.float32)
+    # one device-to-host copy per batch: indices (< 2^31) and the scores' bits as int32
+    packed = torch.stack([torch.where(keep, nn, -1).to(torch.int32),
+                          torch.where(keep, score.float(), 0.0).view(torch.int32)]).cpu().numpy()
+    nn_np, score_np = packed[0], packed[1].view(np.float32)
     for b, i in enumerate(live):
-        k = len(d0s[b])
-        results[i] = (nn_np[b, :k].astype(np.int64), score_np[b, :k])
+        k = len0[b]
+        results[i] = (nn_np[b, :k].astype(np.int64), score_np[b, :k].copy())
     return results  # type: ignore[return-value]
 
 
