@@ -6,15 +6,11 @@ import json
 import logging
 import multiprocessing as mp
 import os
-import queue
-import threading
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
-from itertools import islice
 from pathlib import Path
 from typing import TypeVar
 
@@ -33,6 +29,7 @@ from .formats.resume import may_resume
 from .images import read_image, resize_max, resolve_image_list
 from .keypoints import Keypoints, detect_keypoints, import_keypoints
 from .progress import progress
+from .streams import ordered_map, run_ahead
 
 logger = logging.getLogger("dift_sfm")
 
@@ -121,77 +118,6 @@ def load_prepared(image_dir: Path, name: str, conf: dict) -> PreparedImage | Ima
         return prepare_image(read_image(image_dir / name), conf, name)
     except ImageReadError as err:
         return err
-
-
-def ordered_map(fn: Callable[[str], T], items: Sequence[str], pool: Executor,
-                depth: int) -> Iterator[T]:
-    """``fn(item)`` for every item, in order, with at most ``depth`` calls submitted ahead.
-
-    Memory stays bounded whatever the number of items: at most ``depth`` results exist
-    besides the one just yielded. Exceptions of ``fn`` are raised at the item's place.
-    Closing the iterator cancels the calls not yet started.
-    """
-    pending: deque[Future] = deque()
-    it = iter(items)
-    try:
-        for item in islice(it, max(1, depth)):
-            pending.append(pool.submit(fn, item))
-        while pending:
-            result = pending.popleft().result()
-            for item in islice(it, 1):
-                pending.append(pool.submit(fn, item))
-            yield result
-    finally:
-        for future in pending:
-            future.cancel()
-
-
-def run_ahead(items: Iterator[T], depth: int, name: str = "dift-sfm-ahead") -> Iterator[T]:
-    """Iterate ``items`` in a background thread, up to ``depth`` items ahead of the consumer.
-
-    The items are handed over through a bounded queue, in order; an exception of the producer
-    is raised in the consumer at its place. Closing the returned iterator (or an exception in
-    the consumer) stops the producer at its next item.
-    """
-    handoff: queue.Queue = queue.Queue(maxsize=max(1, depth))
-    stop = threading.Event()
-
-    def put(payload: tuple[bool, object]) -> bool:
-        while not stop.is_set():
-            try:
-                handoff.put(payload, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def produce() -> None:
-        try:
-            for item in items:
-                if not put((True, item)):
-                    return
-            put((False, None))
-        except BaseException as err:  # handed to the consumer, raised there
-            put((False, err))
-        finally:
-            close = getattr(items, "close", None)
-            if close is not None:
-                close()
-
-    thread = threading.Thread(target=produce, name=name, daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = handoff.get()
-            if ok:
-                yield item  # type: ignore[misc]
-            elif item is None:
-                return
-            else:
-                raise item  # type: ignore[misc]
-    finally:
-        stop.set()
-        thread.join(timeout=10.0)
 
 
 class LocalBackend:

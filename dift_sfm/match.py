@@ -13,7 +13,6 @@ import numpy as np
 
 from .confs import get_conf, resolve_conf
 from .errors import FormatError
-from .extract import run_ahead
 from .formats.features import FeaturesReader, feature_settings
 from .formats.h5store import ShardedH5Writer
 from .formats.matches import (
@@ -28,6 +27,7 @@ from .formats.resume import StaleOutputError, may_resume, settings_diff
 from .matchers import get_matcher
 from .pairs import read_pairs
 from .progress import progress
+from .streams import run_ahead
 
 logger = logging.getLogger("dift_sfm")
 

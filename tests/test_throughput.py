@@ -15,12 +15,13 @@ from conftest import REPO, texture
 
 from dift_sfm.confs import get_conf
 from dift_sfm.errors import ImageReadError, PartialFailure
-from dift_sfm.extract import LocalBackend, default_workers, extract_features, run_ahead
+from dift_sfm.extract import LocalBackend, default_workers, extract_features
 from dift_sfm.match import LocalBackend as MatchBackend
 from dift_sfm.match import match_features
 from dift_sfm.matchers import get_matcher, mutual_nearest_neighbours
 from dift_sfm.matchers.mnn import mnn_batch, prepare_descriptors
 from dift_sfm.pairs import exhaustive_pairs, write_pairs
+from dift_sfm.streams import run_ahead
 
 
 def datasets(path) -> dict[str, np.ndarray]:
