@@ -12,7 +12,6 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TypeVar
 
 import numpy as np
 
@@ -32,9 +31,6 @@ from .progress import progress
 from .streams import ordered_map, run_ahead
 
 logger = logging.getLogger("dift_sfm")
-
-T = TypeVar("T")
-
 
 #: Conf sections stored in a features file: all of them, so `match` can use them as written.
 STORED_SECTIONS = ("preprocessing", "keypoints", "featurizer", "matcher", "pca")
