@@ -270,8 +270,22 @@ class MatchWorker:
         return os.getpid()
 
     def match(self, pairs: list[tuple[int, int]], *descriptors: np.ndarray) -> list:
-        """Match pairs of indices into ``descriptors``: [(matches0, scores0)] in order."""
-        return [self.matcher(descriptors[i], descriptors[j]) for i, j in pairs]
+        """Match pairs of indices into ``descriptors``: [(matches0, scores0)] in order.
+
+        Each image of the block is prepared (normalised, moved to the device) once, then
+        ``pair_batch`` pairs go per batched call, as ``match.LocalBackend`` does.
+        """
+        prepare = getattr(self.matcher, "prepare", None)
+        match_prepared = getattr(self.matcher, "match_prepared", None)
+        if prepare is None or match_prepared is None:
+            return [self.matcher(descriptors[i], descriptors[j]) for i, j in pairs]
+        ready = [prepare(d) for d in descriptors]
+        batch = max(1, int(getattr(self.matcher, "pair_batch", 1)))
+        out: list = []
+        for start in range(0, len(pairs), batch):
+            chunk = pairs[start:start + batch]
+            out += match_prepared([ready[i] for i, _ in chunk], [ready[j] for _, j in chunk])
+        return out
 
 
 # --------------------------------------------------------------------------- actors
