@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import cv2
@@ -14,6 +18,24 @@ SHARED = REPO.parent / "shared"
 DATA = SHARED / "data"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+CLI_ENV = {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+def interrupt_cli(args: list[str], parts: Path, pattern: str = "*.h5", delay: float = 0.0,
+                  sig: int = signal.SIGKILL, **popen) -> subprocess.Popen:
+    """Start ``dift-sfm ARGS`` in a subprocess, wait until a file matching ``pattern`` exists
+    in ``parts`` (an output's shard folder; 120 s at most), wait ``delay`` more, then send
+    ``sig`` (kill -9 by default) and wait for the process. Returns the finished process."""
+    popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
+    proc = subprocess.Popen([sys.executable, "-m", "dift_sfm.cli", *args], env=CLI_ENV,
+                            **popen)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(parts.glob(pattern)) and proc.poll() is None:
+        time.sleep(0.05)
+    time.sleep(delay)
+    assert proc.poll() is None, "the run ended before it could be interrupted"
+    proc.send_signal(sig)
+    return proc
 
 
 def texture(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -1,17 +1,14 @@
 """End-to-end extract -> pairs -> match, through the CLI, on synthetic and real images."""
 
 import logging
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import cv2
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, texture
+from conftest import CLI_ENV, interrupt_cli, texture
 
 from dift_sfm.cli import main
 from dift_sfm.confs import get_conf
@@ -158,24 +155,16 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     for i in range(48):
         cv2.imwrite(str(images / f"{i:02d}.png"), texture(240, 320, seed=i))
     out = tmp_path / "f.h5"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "dift_sfm.cli", "extract", str(images), "-o", str(out),
-           "--set", "keypoints.max_keypoints=512"]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    parts = tmp_path / "f.h5.parts"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(parts.glob("*.h5")) and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(0.15)  # now in the middle of the second shard
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    args = ["extract", str(images), "-o", str(out), "--set", "keypoints.max_keypoints=512"]
+    interrupt_cli(args, tmp_path / "f.h5.parts", delay=0.15).wait()  # mid second shard
     if out.exists():  # whatever is there must open
         list_names(out)
-    result = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    result = subprocess.run([sys.executable, "-m", "dift_sfm.cli", *args], env=CLI_ENV,
+                            capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert "already done" in result.stderr
     assert list_names(out) == [f"{i:02d}.png" for i in range(48)]
-    assert not parts.exists()
+    assert not (tmp_path / "f.h5.parts").exists()
 
 
 def test_pca_reduced_file_resumes_and_matches(synthetic_pair, tmp_path):

@@ -15,7 +15,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from conftest import REPO, texture
+from conftest import CLI_ENV, interrupt_cli, texture
 
 from dift_sfm.cli import main
 from dift_sfm.confs import ConfError, get_conf, resolve_conf
@@ -28,7 +28,7 @@ from dift_sfm.formats.resume import StaleOutputError, may_resume, settings_diff
 from dift_sfm.match import conf_for_matching, match_features
 from dift_sfm.pairs import exhaustive_pairs, write_pairs
 
-ENV = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
+ENV = CLI_ENV
 
 
 def cli(*args: str, **kwargs) -> subprocess.CompletedProcess:
@@ -338,12 +338,9 @@ def test_sigterm_ends_with_one_line_and_no_native_stack(images, tmp_path):
     many.mkdir()
     for i in range(60):
         cv2.imwrite(str(many / f"{i:02d}.png"), texture(200, 260, seed=i))
-    proc = subprocess.Popen([sys.executable, "-m", "dift_sfm.cli", "extract", str(many), "-o",
-                             str(tmp_path / "f.h5")], env=ENV, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 60
-    while time.time() < deadline and not (tmp_path / "f.h5.parts").exists():
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    proc = interrupt_cli(["extract", str(many), "-o", str(tmp_path / "f.h5")],
+                         tmp_path / "f.h5.parts", "*", sig=signal.SIGTERM,
+                         stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Interrupted; completed work is kept" in err

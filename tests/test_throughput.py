@@ -1,7 +1,5 @@
 """Pipelined extraction and batched matching give exactly the results of the plain loops."""
 
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -11,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import REPO, texture
+from conftest import CLI_ENV, interrupt_cli, texture
 
 from dift_sfm.confs import get_conf
 from dift_sfm.errors import ImageReadError, PartialFailure
@@ -115,26 +113,21 @@ def test_kill_9_during_pipelined_run_then_resume_is_identical(tmp_path):
     images.mkdir()
     for i in range(40):
         cv2.imwrite(str(images / f"{i:02d}.png"), texture(240, 320, seed=i))
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def cmd(out):
-        return [sys.executable, "-m", "dift_sfm.cli", "extract", str(images), "-o", str(out),
-                "--set", "keypoints.max_keypoints=512"]
+        return ["extract", str(images), "-o", str(out), "--set", "keypoints.max_keypoints=512"]
+
+    def run(out):
+        return subprocess.run([sys.executable, "-m", "dift_sfm.cli", *cmd(out)], env=CLI_ENV,
+                              capture_output=True, text=True)
 
     out = tmp_path / "f.h5"
-    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    parts = tmp_path / "f.h5.parts"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(parts.glob("*.h5")) and proc.poll() is None:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    result = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+    interrupt_cli(cmd(out), tmp_path / "f.h5.parts").wait()
+    result = run(out)
     assert result.returncode == 0, result.stderr
     assert "already done" in result.stderr
     ref = tmp_path / "ref.h5"
-    result = subprocess.run(cmd(ref), env=env, capture_output=True, text=True)
+    result = run(ref)
     assert result.returncode == 0, result.stderr
     assert_same_file(out, ref)
 
@@ -249,30 +242,26 @@ def test_kill_9_during_match_then_resume_is_identical(tmp_path):
     writer.finalize()
     pairs = tmp_path / "pairs.txt"
     write_pairs(pairs, exhaustive_pairs(names))  # 120 pairs, several seconds on a CPU
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
 
     def cmd(out):
-        return [sys.executable, "-m", "dift_sfm.cli", "match", str(pairs), "--features",
-                str(feats), "--output", str(out), "--conf", "sift"]
+        return ["match", str(pairs), "--features", str(feats), "--output", str(out), "--conf",
+                "sift"]
+
+    def run(out):
+        return subprocess.run([sys.executable, "-m", "dift_sfm.cli", *cmd(out)], env=CLI_ENV,
+                              capture_output=True, text=True)
 
     out = tmp_path / "m.h5"
-    proc = subprocess.Popen(cmd(out), env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
     parts = tmp_path / "m.h5.parts"
-    deadline = time.time() + 120
-    while time.time() < deadline and not list(parts.glob("*.tmp")) and proc.poll() is None:
-        time.sleep(0.05)
-    time.sleep(1.5)  # past the writer's flush interval (1 s): some entries are on disk
-    assert proc.poll() is None, "the run ended before it could be killed"
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # past the writer's flush interval (1 s): some entries are on disk
+    interrupt_cli(cmd(out), parts, "*.tmp", delay=1.5).wait()
     assert not out.exists() and list(parts.glob("*.tmp"))
-    result = subprocess.run(cmd(out), env=env, capture_output=True, text=True)
+    result = run(out)
     assert result.returncode == 0, result.stderr
     done = re.search(r"\((\d+) already done\)", result.stderr)
     assert done and 0 < int(done.group(1)) < 120, result.stderr
     ref = tmp_path / "ref.h5"
-    result = subprocess.run(cmd(ref), env=env, capture_output=True, text=True)
+    result = run(ref)
     assert result.returncode == 0, result.stderr
     assert_same_file(out, ref)
     with h5py.File(out) as a, h5py.File(ref) as b:
