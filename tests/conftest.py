@@ -63,6 +63,14 @@ def texture(h: int, w: int, seed: int = 0) -> np.ndarray:
     return img
 
 
+def texture_folder(folder: Path, count: int, h: int = 240, w: int = 320) -> Path:
+    """``folder`` (created) holding ``count`` textures ``00.png``, ``01.png``, ... (seeds 0..)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        cv2.imwrite(str(folder / f"{i:02d}.png"), texture(h, w, seed=i))
+    return folder
+
+
 def warp(img: np.ndarray, H: np.ndarray) -> np.ndarray:
     """Warp ``img`` by homography H (image-0 pixels to image-1 pixels, centres at integers)."""
     return cv2.warpPerspective(img, H, (img.shape[1], img.shape[0]), flags=cv2.INTER_LINEAR,

@@ -8,7 +8,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from conftest import CLI_ENV, interrupt_cli, texture
+from conftest import CLI_ENV, interrupt_cli, texture, texture_folder
 
 from dift_sfm.cli import main
 from dift_sfm.confs import get_conf
@@ -150,10 +150,7 @@ def test_features_of_another_conf_are_refused(synthetic_pair, tmp_path):
 
 
 def test_kill_9_mid_run_then_resume(tmp_path):
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(48):
-        cv2.imwrite(str(images / f"{i:02d}.png"), texture(240, 320, seed=i))
+    images = texture_folder(tmp_path / "images", 48, 240, 320)
     out = tmp_path / "f.h5"
     args = ["extract", str(images), "-o", str(out), "--set", "keypoints.max_keypoints=512"]
     interrupt_cli(args, tmp_path / "f.h5.parts", delay=0.15).wait()  # mid second shard

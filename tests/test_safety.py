@@ -15,7 +15,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from conftest import CLI_ENV, interrupt_cli, texture
+from conftest import CLI_ENV, interrupt_cli, texture, texture_folder
 
 from dift_sfm.cli import main
 from dift_sfm.confs import ConfError, get_conf, resolve_conf
@@ -304,10 +304,7 @@ def test_unwritable_output_folder_fails_before_any_work(images, tmp_path):
 
 
 def test_disk_full_is_one_line_and_keeps_finished_work(tmp_path):
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(40):
-        cv2.imwrite(str(folder / f"{i:02d}.png"), texture(160, 200, seed=i))
+    folder = texture_folder(tmp_path / "images", 40, 160, 200)
     out = tmp_path / "f.h5"
     limit = 3 * 2**20  # shards (16 images) fit, the merged file does not: EFBIG, errno 27
 
@@ -334,10 +331,7 @@ def test_disk_full_is_one_line_and_keeps_finished_work(tmp_path):
 
 
 def test_sigterm_ends_with_one_line_and_no_native_stack(images, tmp_path):
-    many = tmp_path / "many"
-    many.mkdir()
-    for i in range(60):
-        cv2.imwrite(str(many / f"{i:02d}.png"), texture(200, 260, seed=i))
+    many = texture_folder(tmp_path / "many", 60, 200, 260)
     proc = interrupt_cli(["extract", str(many), "-o", str(tmp_path / "f.h5")],
                          tmp_path / "f.h5.parts", "*", sig=signal.SIGTERM,
                          stderr=subprocess.PIPE, text=True)

@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CLI_ENV, interrupt_cli, texture
+from conftest import CLI_ENV, interrupt_cli, texture, texture_folder
 
 from dift_sfm.confs import get_conf
 from dift_sfm.errors import ImageReadError, PartialFailure
@@ -109,10 +109,7 @@ def test_run_ahead_keeps_order_raises_and_stops():
 
 def test_kill_9_during_pipelined_run_then_resume_is_identical(tmp_path):
     assert default_workers() > 0  # the CLI below runs the pipelined backend
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(40):
-        cv2.imwrite(str(images / f"{i:02d}.png"), texture(240, 320, seed=i))
+    images = texture_folder(tmp_path / "images", 40, 240, 320)
 
     def cmd(out):
         return ["extract", str(images), "-o", str(out), "--set", "keypoints.max_keypoints=512"]
