@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 
 from .errors import DiftSfmError, ImageReadError
-from .images import decode_image
+from .images import decode_image, read_image_bytes
 
 logger = logging.getLogger("dift_sfm")
 
@@ -175,17 +175,6 @@ def wants_gpu(featurizer_conf: dict) -> bool:
 
 def _matcher_wants_gpu(matcher_conf: dict) -> bool:
     return str(matcher_conf.get("device") or "auto").startswith("cuda")
-
-
-# --------------------------------------------------------------------------- image bytes
-def read_image_bytes(path: Path) -> bytes:
-    """The bytes of an image file; ImageReadError worded as ``read_image`` words it."""
-    if not path.is_file():
-        raise ImageReadError(f"Image {path} does not exist.")
-    try:
-        return path.read_bytes()
-    except (OSError, MemoryError) as err:
-        raise ImageReadError(f"Could not read image {path}: {err}") from err
 
 
 # --------------------------------------------------------------------------- worker side

@@ -117,16 +117,20 @@ def read_image(path: Path | str, grayscale: bool = False) -> np.ndarray:
     unreadable or truncated.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"Image {path} does not exist.")
-    try:
-        data = np.fromfile(str(path), dtype=np.uint8)
-    except (OSError, MemoryError) as err:
-        raise ImageReadError(f"Could not read image {path}: {err}") from err
-    rgb = decode_image(data, path)
+    rgb = decode_image(read_image_bytes(path), path)
     if grayscale:
         return cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY)
     return rgb
+
+
+def read_image_bytes(path: Path) -> bytes:
+    """The bytes of an image file; ImageReadError naming it when missing or unreadable."""
+    if not path.is_file():
+        raise ImageReadError(f"Image {path} does not exist.")
+    try:
+        return path.read_bytes()
+    except (OSError, MemoryError) as err:
+        raise ImageReadError(f"Could not read image {path}: {err}") from err
 
 
 def decode_image(data: bytes | np.ndarray, path: Path | str) -> np.ndarray:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
 
 import h5py
 import numpy as np
 
 from ..errors import FormatError
-from .h5store import iter_entries, open_h5
+from .h5store import H5Reader, decode_attr, iter_entries
 from .resume import significant
 
 #: Conf sections that shape a features file's content (the matcher section does not).
@@ -48,27 +47,24 @@ def feature_datasets(keypoints: np.ndarray, descriptors: np.ndarray, scores: np.
 
 
 def list_names(path: Path | str) -> list[str]:
-    """Names of the complete image entries of a features file (sorted)."""
+    """Names of the complete image entries of a features file (sorted; [] if it is absent)."""
     if not Path(path).exists():
         return []
-    with open_h5(path) as f:
-        return sorted(iter_entries(f, is_complete_features))
+    with FeaturesReader(path) as f:
+        return f.names
 
 
 def read_dataset(path: Path | str, name: str, dataset: str) -> np.ndarray:
     """One dataset of an image entry, as stored (other datasets may be absent, e.g. a
     keypoints-only file written by another tool)."""
-    with open_h5(path) as f:
-        if name not in f or not isinstance(f[name], h5py.Group):
-            raise FormatError(f"Image '{name}' is not in features file {path}.")
-        if dataset not in f[name]:
-            raise FormatError(f"Entry '{name}' of features file {path} has no '{dataset}'.")
-        return f[name][dataset][()]
+    with FeaturesReader(path) as f:
+        return f.dataset(name, dataset)
 
 
 def read_keypoints(path: Path | str, name: str) -> np.ndarray:
     """(N, 2) float32 keypoints (x, y) of image ``name``, original pixels."""
-    return read_dataset(path, name, "keypoints").astype(np.float32)
+    with FeaturesReader(path) as f:
+        return f.keypoints(name)
 
 
 def read_descriptors(path: Path | str, name: str) -> np.ndarray:
@@ -78,31 +74,14 @@ def read_descriptors(path: Path | str, name: str) -> np.ndarray:
 
 def read_scores(path: Path | str, name: str) -> np.ndarray:
     """(N,) float32 keypoint scores of image ``name``."""
-    return read_dataset(path, name, "scores").astype(np.float32)
+    with FeaturesReader(path) as f:
+        return f.scores(name)
 
 
 def read_image_size(path: Path | str, name: str) -> tuple[int, int]:
     """(W, H) of the original image ``name``."""
-    w, h = read_dataset(path, name, "image_size")
-    return int(w), int(h)
-
-
-def read_root_attrs(path: Path | str) -> dict:
-    """Root attributes (conf name, descriptor size, ...) of a features file, {} if absent."""
-    if not Path(path).exists():
-        return {}
-    with open_h5(path) as f:
-        return {k: (v.decode() if isinstance(v, bytes) else v) for k, v in f.attrs.items()}
-
-
-def read_conf_name(path: Path | str) -> str | None:
-    """The name of the conf that wrote a features file, or None (e.g. written by hloc)."""
-    name = read_root_attrs(path).get("conf")
-    return str(name) if name else None
-
-
-def _decode(value: Any) -> Any:
-    return value.decode() if isinstance(value, bytes) else value
+    with FeaturesReader(path) as f:
+        return f.image_size(name)
 
 
 def stored_conf(attrs: dict) -> dict | None:
@@ -124,7 +103,7 @@ def feature_settings(conf: dict) -> dict:
     return {k: conf.get(k) for k in FEATURE_SECTIONS if conf.get(k) is not None}
 
 
-class FeaturesReader:
+class FeaturesReader(H5Reader):
     """Read access to a features.h5 that keeps the file open (use as a context manager).
 
     Keypoints are (N, 2) float32 (x, y) in original pixels, pixel centres at integers;
@@ -132,20 +111,9 @@ class FeaturesReader:
     """
 
     def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.file = open_h5(self.path)
-        self.attrs = {k: _decode(v) for k, v in self.file.attrs.items()}
+        super().__init__(path)
         self._names: list[str] | None = None
         self._digest: bytes | None = None
-
-    def __enter__(self) -> FeaturesReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.file.close()
 
     @property
     def names(self) -> list[str]:
@@ -171,7 +139,7 @@ class FeaturesReader:
 
     def entry_attrs(self, name: str) -> dict:
         """Attributes of image ``name``'s group (e.g. ``pca_dim``)."""
-        return {k: _decode(v) for k, v in self._group(name).attrs.items()}
+        return {k: decode_attr(v) for k, v in self._group(name).attrs.items()}
 
     def datasets(self, name: str) -> dict[str, np.ndarray]:
         """Every dataset of image ``name``'s entry, as stored."""

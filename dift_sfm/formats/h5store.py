@@ -54,6 +54,30 @@ def open_h5(path: Path | str, mode: str = "r") -> h5py.File:
                           "writing it with another tool, delete it and re-run.") from err
 
 
+def decode_attr(value: object) -> object:
+    """An h5 attribute as Python reads it: bytes decoded to str, everything else as stored."""
+    return value.decode() if isinstance(value, bytes) else value
+
+
+class H5Reader:
+    """An h5 file kept open for reading (a context manager); ``attrs`` are its root
+    attributes, decoded. ``FeaturesReader`` and ``MatchesReader`` add the layouts."""
+
+    def __init__(self, path: Path | str):
+        self.path = Path(path)
+        self.file = open_h5(self.path)
+        self.attrs = {k: decode_attr(v) for k, v in self.file.attrs.items()}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.file.close()
+
+
 def iter_entries(f: h5py.Group, is_complete: Validator, prefix: str = "") -> Iterable[str]:
     """Paths of the groups below ``f`` that ``is_complete`` accepts (recursing into the rest)."""
     for key, item in f.items():

@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 
 from ..errors import FormatError
-from .h5store import open_h5
+from .h5store import H5Reader
 
 
 def pair_key(name0: str, name1: str, separator: str = "/") -> str:
@@ -89,28 +89,12 @@ def read_matches(path: Path | str, name0: str, name1: str) -> tuple[np.ndarray, 
 
     Works whichever orientation the pair was stored in, with new ('/') or old ('_') keys.
     """
-    with open_h5(path) as f:
-        matches, scores, _, _ = matches_in(f, name0, name1, path)
-    return matches, scores
+    with MatchesReader(path) as f:
+        return f.matches(name0, name1)
 
 
-class MatchesReader:
+class MatchesReader(H5Reader):
     """Read access to a matches.h5 (or a shard of one) that keeps the file open."""
-
-    def __init__(self, path: Path | str):
-        self.path = Path(path)
-        self.file = open_h5(self.path)
-        self.attrs = {k: (v.decode() if isinstance(v, bytes) else v)
-                      for k, v in self.file.attrs.items()}
-
-    def __enter__(self) -> MatchesReader:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def close(self) -> None:
-        self.file.close()
 
     def has(self, name0: str, name1: str) -> bool:
         """Whether the pair is stored (either orientation, new or old keys)."""
