@@ -17,10 +17,8 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import DiftSfmError
-from .featurizers import featurizer_defaults
 from .images import PREPROCESSING_DEFAULTS
 from .keypoints import detector_defaults
-from .matchers import matcher_defaults
 from .pca import default_conf as pca_defaults
 
 
@@ -28,12 +26,24 @@ class ConfError(DiftSfmError):
     """A conf or an override names an unknown section or key, or has a wrong value type."""
 
 
+def _featurizer_defaults(name: str | None) -> dict[str, Any]:
+    from .featurizers import featurizer_defaults  # torch: imported when a conf is resolved
+
+    return featurizer_defaults(name)
+
+
+def _matcher_defaults(name: str | None) -> dict[str, Any]:
+    from .matchers import matcher_defaults
+
+    return matcher_defaults(name)
+
+
 #: section -> function(component name) -> that component's complete default section
 SECTIONS: dict[str, Callable[[str | None], dict[str, Any]]] = {
     "preprocessing": lambda _: copy.deepcopy(PREPROCESSING_DEFAULTS),
     "keypoints": detector_defaults,
-    "featurizer": featurizer_defaults,
-    "matcher": matcher_defaults,
+    "featurizer": _featurizer_defaults,
+    "matcher": _matcher_defaults,
     "pca": lambda _: copy.deepcopy(pca_defaults),
 }
 TOP_LEVEL = ("name", "output")
