@@ -380,3 +380,13 @@ def test_colmap_import_refuses_matches_of_other_features(images, tmp_path):
         import_into_database(db, b, m, pairs)
     stats = import_into_database(db, a, m, pairs)
     assert stats.num_pairs == len(exhaustive_pairs(list_names(a)))
+
+
+def test_the_cli_starts_without_torch_or_pycolmap():
+    """Building the parser and running `pairs` load neither (start-up of every command)."""
+    probe = subprocess.run([sys.executable, "-c",
+                            "import sys; from dift_sfm.cli import build_parser; build_parser();"
+                            "print(sorted({'torch', 'pycolmap', 'diffusers', 'ray'} & "
+                            "set(sys.modules)))"],
+                           env=ENV, capture_output=True, text=True)
+    assert probe.stdout.strip() == "[]", probe.stderr
