@@ -119,20 +119,27 @@ def _unknown(kind: str, key: str, valid: list[str]) -> ConfError:
     return ConfError(f"Unknown {kind} '{key}'.{hint} Valid: {', '.join(sorted(valid))}.")
 
 
+#: Options whose default is "auto" and whose other values must be of this type (options
+#: not listed here, e.g. ``device``, take any value besides "auto").
+AUTO_TYPES: dict[str, type] = {"matcher.pair_batch": int, "matcher.cache_mb": int}
+
+
 def _check_type(key: str, value: Any, default: Any) -> None:
     """Refuse a value whose type cannot stand for the default's (None is always allowed)."""
-    if value is None or default is None or default == "auto":
+    if value is None or default is None or value == "auto" and default == "auto":
         return
+    kind = AUTO_TYPES.get(key) if default == "auto" else type(default)
     number = isinstance(value, (int, float)) and not isinstance(value, bool)
     ok = {bool: isinstance(value, bool),
           int: number and float(value).is_integer(),
           float: number,
           str: isinstance(value, str),
           list: isinstance(value, (list, int)),  # sizes: [W, H] or one int (longer side)
-          dict: isinstance(value, dict)}.get(type(default), True)
+          dict: isinstance(value, dict)}.get(kind, True)  # type: ignore[arg-type]
     if not ok:
+        wanted = f"{kind.__name__} or \"auto\"" if default == "auto" else kind.__name__
         raise ConfError(f"Conf value {key}={json.dumps(value)} should be of type "
-                        f"{type(default).__name__} (default: {json.dumps(default)}).")
+                        f"{wanted} (default: {json.dumps(default)}).")
 
 
 def _section(section: str, given: Mapping[str, Any]) -> dict[str, Any]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ from .formats.matches import (
 )
 from .formats.resume import StaleOutputError, may_resume, settings_diff
 from .matchers import get_matcher
+from .matchers.mnn import cache_budget
 from .pairs import read_pairs
 from .progress import progress
 from .streams import run_ahead
@@ -32,25 +33,110 @@ from .streams import run_ahead
 logger = logging.getLogger("dift_sfm")
 
 
-#: What a matching backend yields, in the order of the pairs it was given.
+#: What a matching backend yields, in any order (each entry is written under its pair key).
 PairMatches = tuple[tuple[str, str], np.ndarray, np.ndarray]  # pair, matches0, scores0
+
+
+def locality_order(pairs: Sequence[tuple[str, str]], capacity: int) -> list[tuple[str, str]]:
+    """``pairs`` in an order that needs few descriptor reads with ``capacity`` images resident.
+
+    Images are numbered by first appearance; with tiles of T = max(1, capacity // 3) images,
+    pair (a, b) goes to tile (min(a, b) // T, max(a, b) // T), tiles in row-major order, pairs
+    of a tile in their given order (a stable sort). A tile touches at most 2T images and the
+    next tile of its row shares its T row images, so a least-recently-used cache of 3T images
+    reads each column block once per row block: about N^2 / (2T) + N reads for the exhaustive
+    pairs of N images instead of about one per pair. When every image fits (capacity >= N),
+    the order is unchanged.
+    """
+    position: dict[str, int] = {}
+    for pair in pairs:
+        for name in pair:
+            position.setdefault(name, len(position))
+    if capacity >= len(position):
+        return list(pairs)
+    tile = max(1, capacity // 3)
+    tiles = -(-len(position) // tile)
+    index = np.array([[position[a], position[b]] for a, b in pairs], np.int64).reshape(-1, 2)
+    index //= tile
+    key = index.min(1) * tiles + index.max(1)
+    return [pairs[k] for k in np.argsort(key, kind="stable")]
+
+
+def _nbytes(desc: Any) -> int:
+    """Memory held by prepared descriptors (a tensor's or an array's ``nbytes``)."""
+    return int(getattr(desc, "nbytes", 0))
+
+
+class DescriptorCache:
+    """Prepared descriptors of the images used last, within a budget of bytes (LRU).
+
+    ``get(name, keep)`` returns an image's prepared descriptors, reading them (``load``) on
+    a miss; then the least recently used entries are dropped until the cache fits the budget,
+    except ``name`` and those in ``keep`` (the images of the batch being built, so the cache
+    may exceed the budget by one batch). ``reads`` counts the loads.
+    """
+
+    def __init__(self, load: Callable[[str], Any], budget: int):
+        self.load = load
+        self.budget = budget
+        self.entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
+        self.bytes = 0
+        self.reads = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.entries
+
+    def touch(self, names: Iterable[str]) -> None:
+        """Mark ``names`` (those cached) as used now."""
+        for name in names:
+            if name in self.entries:
+                self.entries.move_to_end(name)
+
+    def get(self, name: str, keep: Container[str] = ()) -> Any:
+        entry = self.entries.get(name)
+        if entry is None:
+            value = self.load(name)
+            self.reads += 1
+            entry = self.entries[name] = (value, _nbytes(value))
+            self.bytes += entry[1]
+            self._evict(name, keep)
+        self.entries.move_to_end(name)
+        return entry[0]
+
+    def _evict(self, name: str, keep: Container[str]) -> None:
+        """Drop the oldest entries until within budget; never ``name`` (the newest) or
+        ``keep`` (touched just before: everything older is gone once one is reached)."""
+        while self.bytes > self.budget:
+            oldest = next(iter(self.entries))
+            if oldest == name or oldest in keep:
+                break
+            self.bytes -= self.entries.pop(oldest)[1]
 
 
 class LocalBackend:
     """Matches pairs on this machine with the conf's matcher, many pairs per device call.
 
     Three stages overlap: a reader thread reads the descriptors of the next pairs from the
-    features file and moves them to the matcher's device (normalised, kept resident for the
-    ``cache_size`` images used last); a matcher thread matches ``matcher.pair_batch``
+    features file and moves them to the matcher's device (normalised, kept resident within a
+    budget of bytes, ``DescriptorCache``); a matcher thread matches ``matcher.pair_batch``
     consecutive pairs per batched product (``MNN.match_prepared``); the caller writes the
-    results meanwhile. Pairs keep their order.
+    results meanwhile.
 
-    ``__call__(pairs, features)`` yields ``(pair, matches0 (N0,), scores0 (N0,))`` in order.
+    The budget is ``cache_bytes``, else the matcher's ``cache_mb`` (``MNN.cache_bytes``), and
+    never less than one batch of pairs needs. When the descriptors of every image of the run
+    fit, each image is read once and the pairs keep their order; otherwise they are processed
+    in ``locality_order`` (capacity estimated from the first image read), so that the reads
+    grow with N^2 / capacity instead of the number of pairs.
+
+    ``__call__(pairs, features)`` yields ``(pair, matches0 (N0,), scores0 (N0,))`` in that
+    processing order. ``stats`` then holds ``reads`` (descriptor reads), ``budget_bytes``,
+    ``capacity`` (images estimated to fit) and ``reordered``.
     """
 
-    def __init__(self, matcher_conf: dict, cache_size: int = 64):
+    def __init__(self, matcher_conf: dict, cache_bytes: int | None = None):
         self.matcher = get_matcher(matcher_conf)
-        self.cache_size = cache_size
+        self.cache_bytes = cache_bytes
+        self.stats: dict[str, int] = {}
 
     def __call__(self, pairs: list[tuple[str, str]],
                  features: FeaturesReader) -> Iterator[PairMatches]:
@@ -62,30 +148,58 @@ class LocalBackend:
         for results in run_ahead(self._match(loaded), 2, "dift-sfm-match"):
             yield from results  # one hand-over per batch, not per pair
 
+    def budget(self) -> int:
+        """The cache budget in bytes before the one-batch floor (measured now for 'auto')."""
+        if self.cache_bytes is not None:
+            return int(self.cache_bytes)
+        cache_bytes = getattr(self.matcher, "cache_bytes", None)
+        return cache_bytes() if cache_bytes is not None else cache_budget("auto", "cpu")
+
     def _load(self, pairs: list[tuple[str, str]], features: FeaturesReader,
               batch: int) -> Iterator[tuple[list[tuple[str, str]], list, list]]:
         """Batches of (pairs, desc0 tensors, desc1 tensors), descriptors on the device."""
         prepare = getattr(self.matcher, "prepare", None)
-        cache: OrderedDict[str, Any] = OrderedDict()
 
-        def descriptors(name: str):
-            if name not in cache:
-                d = features.descriptors(name)
-                cache[name] = prepare(d) if prepare is not None else d
-                if len(cache) > self.cache_size:
-                    cache.popitem(last=False)
-            cache.move_to_end(name)
-            return cache[name]
+        def load(name: str) -> Any:
+            d = features.descriptors(name)
+            return prepare(d) if prepare is not None else d
 
-        for start in range(0, len(pairs), batch):
-            chunk = pairs[start:start + batch]
-            d0s, d1s = [], []
-            for name0, name1 in chunk:
-                d0, d1 = descriptors(name0), descriptors(name1)
-                check_same_dim(features, name0, d0, name1, d1)
-                d0s.append(d0)
-                d1s.append(d1)
-            yield chunk, d0s, d1s
+        budget = self.budget()
+        cache = DescriptorCache(load, budget)
+        images = list(dict.fromkeys(n for pair in pairs for n in pair))
+        per_image = 0
+        for name in images[:8]:  # size of one image: the first with any descriptor
+            per_image = _nbytes(cache.get(name))
+            if per_image:
+                break
+        cache.budget = max(budget, 2 * batch * per_image)
+        capacity = cache.budget // per_image if per_image else len(images)
+        order = locality_order(pairs, capacity)
+        self.stats = {"budget_bytes": cache.budget, "capacity": min(capacity, len(images)),
+                      "reordered": int(order != pairs), "reads": 0}
+        logger.info("Descriptor cache: %.1f MiB, about %d of %d images (%.3g MiB each)%s.",
+                    cache.budget / 2**20, min(capacity, len(images)), len(images),
+                    per_image / 2**20,
+                    "" if capacity >= len(images) else
+                    f"; pairs reordered in tiles of {max(1, capacity // 3)} images")
+        try:
+            for start in range(0, len(order), batch):
+                chunk = order[start:start + batch]
+                names = list(dict.fromkeys(n for pair in chunk for n in pair))
+                cache.touch(names)
+                keep = set(names)
+                d0s, d1s = [], []
+                for name0, name1 in chunk:
+                    d0, d1 = cache.get(name0, keep), cache.get(name1, keep)
+                    check_same_dim(features, name0, d0, name1, d1)
+                    d0s.append(d0)
+                    d1s.append(d1)
+                self.stats["reads"] = cache.reads
+                yield chunk, d0s, d1s
+        finally:
+            self.stats["reads"] = cache.reads
+            logger.debug("Read descriptors %d times for %d images, %d pairs.", cache.reads,
+                         len(images), len(pairs))
 
     def _match(self, loaded: Iterator[tuple[list[tuple[str, str]], list, list]]
                ) -> Iterator[list[PairMatches]]:
@@ -174,7 +288,7 @@ def match_features(
     already present and still fitting are skipped unless ``overwrite``. A matches file computed
     with other matcher settings, or holding pairs of other features, is refused (StaleOutputError)
     unless ``overwrite``. ``backend`` computes the matches (default: ``LocalBackend``; the Ray
-    backend runs them on a cluster); entries are written in the order it yields them.
+    backend runs them on a cluster), in any order: each entry is written under its pair key.
     """
     pairs_path, feature_path, match_path = Path(pairs_path), Path(feature_path), Path(match_path)
     if not feature_path.exists():

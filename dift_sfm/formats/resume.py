@@ -23,6 +23,7 @@ logger = logging.getLogger("dift_sfm")
 RUNTIME_KEYS = frozenset(
     {
         "batch_size",
+        "cache_mb",  # matcher: descriptors kept resident between pairs
         "chunk_size",
         "compile",
         "compile_mode",

@@ -6,6 +6,8 @@ conf's ``matcher`` section (``name: mnn``) builds, with its defaults in ``MNN.de
 
 from __future__ import annotations
 
+import logging
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -13,6 +15,12 @@ import torch
 import torch.nn.functional as F
 
 _NEG_INF = float("-inf")
+
+logger = logging.getLogger("dift_sfm")
+
+#: Share of the free device memory (CUDA) or available RAM (elsewhere) that ``cache_mb: auto``
+#: keeps for resident descriptors, and the budget when the available RAM is unknown.
+CUDA_CACHE_SHARE, RAM_CACHE_SHARE, FALLBACK_CACHE_BYTES = 0.4, 0.25, 2 * 2**30
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -228,6 +236,31 @@ def prepare_descriptors(desc: np.ndarray | torch.Tensor, metric: str,
     return d
 
 
+def cache_budget(cache_mb: int | str | None, device: torch.device | str) -> int:
+    """Bytes of prepared descriptors a matching run may keep resident (``matcher.cache_mb``).
+
+    An int is MiB. 'auto' (or None): on CUDA ``CUDA_CACHE_SHARE`` of the device's free memory
+    now; elsewhere ``RAM_CACHE_SHARE`` of the available RAM (``FALLBACK_CACHE_BYTES`` where
+    the OS does not tell).
+    """
+    if cache_mb not in (None, "auto"):
+        if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or cache_mb < 0:
+            raise ValueError(f"matcher.cache_mb must be 'auto' or MiB >= 0, got {cache_mb!r}.")
+        return int(cache_mb * 2**20)
+    device = torch.device(device)
+    if device.type == "cuda":
+        try:
+            free, _ = torch.cuda.mem_get_info(device)
+            return int(CUDA_CACHE_SHARE * free)
+        except (RuntimeError, AssertionError) as err:  # no usable CUDA: fall through to RAM
+            logger.debug("No CUDA memory info (%s); sizing the cache from RAM.", err)
+    try:
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # e.g. macOS, Windows
+        return FALLBACK_CACHE_BYTES
+    return int(RAM_CACHE_SHARE * avail) if avail > 0 else FALLBACK_CACHE_BYTES
+
+
 def mutual_nearest_neighbours(
     desc0: np.ndarray | torch.Tensor,
     desc1: np.ndarray | torch.Tensor,
@@ -274,12 +307,15 @@ class MNN:
     CUDA, 1 elsewhere, where batching gains nothing), ``prefetch`` (pairs whose descriptors
     are read ahead), ``fp16`` ('auto': on CUDA; products in float16 with fp32 accumulation,
     scores still exact fp32; false: fp32 everywhere, bit-identical to one pair at a time on
-    CPUs).
+    CPUs), ``cache_mb`` (MiB of prepared descriptors kept resident on the device between pairs;
+    'auto': 40% of the free CUDA memory at the start of a run, elsewhere 25% of the available
+    RAM, 2 GiB if unknown; never less than one batch of pairs needs). Like ``pair_batch`` and
+    ``prefetch``, ``cache_mb`` changes speed only: a matches file resumes across its values.
     """
 
     default_conf: dict = {"name": "mnn", "metric": "cosine", "ratio_threshold": None,
                           "min_score": None, "device": "auto", "pair_batch": "auto",
-                          "prefetch": 256, "fp16": "auto"}
+                          "prefetch": 256, "fp16": "auto", "cache_mb": "auto"}
 
     def __init__(self, conf: dict | None = None):
         self.conf = {**self.default_conf, **(conf or {})}
@@ -293,11 +329,17 @@ class MNN:
         self.pair_batch = max(1, int(32 if cuda else 1) if batch in (None, "auto") else int(batch))
         half = self.conf["fp16"]
         self.half = cuda if half in (None, "auto") else bool(half)
+        if self.conf["cache_mb"] not in (None, "auto"):
+            cache_budget(self.conf["cache_mb"], "cpu")  # refuse a bad value now, not mid-run
 
     def __call__(self, desc0: np.ndarray | torch.Tensor,
                  desc1: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Match (N0, D) against (N1, D): (matches0 (N0,) int64 or -1, scores0 (N0,) float32)."""
         return self.match_prepared([self.prepare(desc0)], [self.prepare(desc1)])[0]
+
+    def cache_bytes(self) -> int:
+        """The descriptor cache budget in bytes (``cache_mb``; 'auto' measured now)."""
+        return cache_budget(self.conf["cache_mb"], self.device)
 
     def prepare(self, desc: np.ndarray | torch.Tensor) -> torch.Tensor:
         """(N, D) descriptors as a float32 tensor on the matcher's device, normalised for
