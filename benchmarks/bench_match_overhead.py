@@ -75,9 +75,12 @@ def timed(stage: str, fn):
 class StandInMatcher:
     """Returns precomputed matches at once: ``LocalBackend`` glue without any kernel."""
 
-    def __init__(self, n: int, pair_batch: int, seed: int = 0):
+    def __init__(self, n: int, pair_batch: int, seed: int = 0, launches: int = 0,
+                 device_ms: float = 0.0):
         rng = np.random.default_rng(seed)
         self.conf = {"prefetch": 256}
+        self.launches, self.device_ms = launches, device_ms
+        self._tiny = torch.zeros(4)
         self.pair_batch = pair_batch
         self.results = []
         for _ in range(16):  # ~35% of keypoints matched, as real MNN gives
@@ -92,6 +95,10 @@ class StandInMatcher:
 
     def match_prepared(self, desc0: Sequence[torch.Tensor], desc1: Sequence[torch.Tensor]
                        ) -> list[tuple[np.ndarray, np.ndarray]]:
+        for _ in range(self.launches):  # like kernel launches: short calls releasing the GIL
+            self._tiny.add_(1)
+        if self.device_ms:  # like waiting for the device's results (GIL released)
+            time.sleep(self.device_ms / 1e3)
         out = []
         for _ in desc0:
             out.append(self.results[self.calls % len(self.results)])
@@ -154,6 +161,10 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="runs; the best one is reported")
     parser.add_argument("--profile", action="store_true", help="cProfile one extra run")
     parser.add_argument("--workdir", type=Path, default=None)
+    parser.add_argument("--launches", type=int, default=0,
+                        help="GPU-like stand-in: torch calls per batch (each releases the GIL)")
+    parser.add_argument("--device-ms", type=float, default=0.0,
+                        help="GPU-like stand-in: ms per batch waiting for the device")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     instrument()
@@ -172,7 +183,8 @@ def main() -> None:
             STAGES.clear()
             _first_write.clear()
             backend = LocalBackend(conf["matcher"])
-            backend.matcher = StandInMatcher(args.keypoints, args.pair_batch)
+            backend.matcher = StandInMatcher(args.keypoints, args.pair_batch, 0, args.launches,
+                                             args.device_ms)
             out = tmp / f"matches{r}.h5"
             prof = cProfile.Profile() if r == args.repeat else None
             t0 = time.perf_counter()
@@ -201,6 +213,7 @@ def main() -> None:
         print(json.dumps({
             "bench": "match_overhead", "images": args.images, "keypoints": args.keypoints,
             "D": args.dim, "pairs": n, "pair_batch": args.pair_batch,
+            "launches": args.launches, "device_ms": args.device_ms,
             "features_build_s": round(build_s, 2),
             "total_ms_per_pair": round(1e3 * best["wall_s"] / n, 4),
             "steady_ms_per_pair": round(1e3 * steady / (n - 1), 4), **ms,
