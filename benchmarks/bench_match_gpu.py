@@ -34,7 +34,9 @@ Per descriptor size, in this order (the first is the one that matters):
   (CPU: of all pairs), for ``per_pair_vs_batched_same_matches`` (against ``batched_fp32`` on
   CUDA, ``batched`` on CPU, fp32 there);
 - on CPU ``floor_ratio``: the similarity product alone (``d0 @ d1.T``, the floor) against
-  one pair of the conf's matching (``product_ms``, ``pair_ms``, ``pair_over_product``).
+  one pair of the conf's matching (``product_ms``, ``pair_ms``, ``pair_over_product``), and
+  against a pair through ``match_features`` in steady state, reading and writing included
+  (``steady_pair_ms``, ``steady_over_product``).
 
 Stage times (``<variant>_detail``) come from wrapping the package's methods for the run
 (cumulative seconds in the thread that calls them; the reader thread overlaps the matcher
@@ -400,6 +402,10 @@ def main() -> None:
                 per_pairs)
             if not cuda:
                 row.update(floor_ratio(args.keypoints, dim, get_conf(conf_name)))
+                steady = row.get("batched_steady_pairs_per_s")
+                if steady:  # match_features per pair (reading, writing included) vs product
+                    row["steady_pair_ms"] = round(1e3 / steady, 1)
+                    row["steady_over_product"] = round(1e3 / steady / row["product_ms"], 2)
             rows.append(row)
             feats.unlink()
             emit(partial=True)

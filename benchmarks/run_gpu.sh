@@ -202,6 +202,11 @@ for r in bench.get("rows", []):
         rows.append((f"{label}: one pair vs its product (CPU)", f"{r['pair_over_product']}x",
                      f"pair {r.get('pair_ms')} ms, product alone {r.get('product_ms')} ms",
                      "pair <= 1.5x product"))
+    if "steady_over_product" in r:
+        rows.append((f"{label}: match_features pair vs its product (CPU)",
+                     f"{r['steady_over_product']}x",
+                     f"{r.get('steady_pair_ms')} ms per pair in steady state (reading, writing "
+                     f"included), product alone {r.get('product_ms')} ms", "<= 1.5x product"))
 for rec in json_lines("bench_match"):  # a size cut short after its headline run
     if rec.get("variant") == "batched" and rec.get("dim") not in done_dims and rec.get("wall_s"):
         rows.append((f"matching {rec['dim']}-D: match_features (row not finished)",

@@ -113,14 +113,43 @@ class DescriptorCache:
             self.bytes -= self.entries.pop(oldest)[1]
 
 
+class _Resident:
+    """One image's descriptors in the cache: read by the reader thread, prepared (moved to the
+    device, normalised) on first use by the thread that matches.
+
+    Preparing there keeps torch's CPU work in one thread: a second thread running torch ops
+    starts a second OpenMP team, and on a CPU the two teams' spinning workers slowed each
+    matching op ~2x. ``nbytes`` is the prepared size (float32) when ``prepared``, so the
+    cache budget counts what stays resident.
+    """
+
+    __slots__ = ("_value", "_ready", "shape", "nbytes")
+
+    def __init__(self, descriptors: np.ndarray, prepared: bool):
+        self._value: Any = descriptors
+        self._ready = not prepared
+        self.shape = descriptors.shape
+        self.nbytes = int(descriptors.size * 4 if prepared else descriptors.nbytes)
+
+    def value(self, prepare: Callable[[np.ndarray], Any] | None) -> Any:
+        """The descriptors as the matcher takes them (prepared once, then kept)."""
+        if not self._ready:
+            self._value = prepare(self._value) if prepare is not None else self._value
+            self._ready = True
+        return self._value
+
+
 class LocalBackend:
     """Matches pairs on this machine with the conf's matcher, many pairs per device call.
 
     Three stages overlap: a reader thread reads the descriptors of the next pairs from the
-    features file and moves them to the matcher's device (normalised, kept resident within a
-    budget of bytes, ``DescriptorCache``); a matcher thread matches ``matcher.pair_batch``
-    consecutive pairs per batched product (``MNN.match_prepared``); the caller writes the
-    results meanwhile.
+    features file (kept resident within a budget of bytes, ``DescriptorCache``); a matcher
+    thread moves them to the matcher's device on first use (normalised: ``MNN.prepare``,
+    once per cached image) and matches ``matcher.pair_batch`` consecutive pairs per batched
+    product (``MNN.match_prepared``); the caller writes the results meanwhile. On a CPU the
+    matching runs in the caller's thread instead: torch's CPU ops run ~2x slower in a second
+    thread once the first has used them (two OpenMP teams on the same cores, measured in
+    docs/benchmarks.md), and writing a pair costs well under 1% of matching it there.
 
     The budget is ``cache_bytes``, else the matcher's ``cache_mb`` (``MNN.cache_bytes``), and
     never less than one batch of pairs needs. When the descriptors of every image of the run
@@ -145,7 +174,11 @@ class LocalBackend:
         batch = getattr(self.matcher, "pair_batch", 1)
         ahead = max(1, int(self.matcher.conf.get("prefetch") or 1) // batch)
         loaded = run_ahead(self._load(pairs, features, batch), ahead, "dift-sfm-read")
-        for results in run_ahead(self._match(loaded), 2, "dift-sfm-match"):
+        matched = self._match(loaded)
+        if getattr(getattr(self.matcher, "device", None), "type", "cpu") != "cpu":
+            # a device: launching the next batch overlaps the caller's writing
+            matched = run_ahead(matched, 2, "dift-sfm-match")
+        for results in matched:
             yield from results  # one hand-over per batch, not per pair
 
     def budget(self) -> int:
@@ -157,12 +190,12 @@ class LocalBackend:
 
     def _load(self, pairs: list[tuple[str, str]], features: FeaturesReader,
               batch: int) -> Iterator[tuple[list[tuple[str, str]], list, list]]:
-        """Batches of (pairs, desc0 tensors, desc1 tensors), descriptors on the device."""
-        prepare = getattr(self.matcher, "prepare", None)
+        """Batches of (pairs, desc0 holders, desc1 holders) (``_Resident``: read here,
+        prepared for the matcher by the thread that matches)."""
+        prepared = getattr(self.matcher, "prepare", None) is not None
 
-        def load(name: str) -> Any:
-            d = features.descriptors(name)
-            return prepare(d) if prepare is not None else d
+        def load(name: str) -> _Resident:
+            return _Resident(features.descriptors(name), prepared)
 
         budget = self.budget()
         cache = DescriptorCache(load, budget)
@@ -205,7 +238,9 @@ class LocalBackend:
                ) -> Iterator[list[PairMatches]]:
         """The results of each batch, as one list."""
         match_prepared = getattr(self.matcher, "match_prepared", None)
-        for chunk, d0s, d1s in loaded:
+        prepare = getattr(self.matcher, "prepare", None)
+        for chunk, h0s, h1s in loaded:
+            d0s, d1s = [h.value(prepare) for h in h0s], [h.value(prepare) for h in h1s]
             if match_prepared is not None:
                 results = match_prepared(d0s, d1s)
             else:
