@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import cv2
+import h5py
 import numpy as np
 import pytest
 
@@ -95,3 +96,20 @@ def synthetic_pair(tmp_path: Path) -> tuple[Path, np.ndarray]:
     cv2.imwrite(str(folder / "a.png"), img)
     cv2.imwrite(str(folder / "b.png"), warp(img, H))
     return folder, H
+
+
+def h5_datasets(path: Path) -> dict[str, np.ndarray]:
+    """Every dataset of an h5 file, by its path in the file."""
+    found: dict[str, np.ndarray] = {}
+    with h5py.File(path, "r") as f:
+        f.visititems(lambda key, item: found.__setitem__(key, item[()])
+                     if isinstance(item, h5py.Dataset) else None)
+    return found
+
+
+def assert_same_h5(a: Path, b: Path) -> None:
+    """Both files hold the same datasets: same paths, dtypes and values."""
+    da, db = h5_datasets(a), h5_datasets(b)
+    assert sorted(da) == sorted(db)
+    for key, value in da.items():
+        assert value.dtype == db[key].dtype and np.array_equal(value, db[key]), key

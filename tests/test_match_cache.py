@@ -5,10 +5,10 @@ import json
 import logging
 from collections import Counter, OrderedDict
 
-import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import h5_datasets
 
 from dift_sfm.confs import ConfError, get_conf, resolve_conf
 from dift_sfm.formats.features import FeaturesReader, feature_datasets, is_complete_features
@@ -54,13 +54,6 @@ def lru_reads(order: list[tuple[str, str]], capacity: int) -> int:
             cache.move_to_end(name)
     return reads
 
-
-def matches_of(path) -> dict[str, np.ndarray]:
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset)
-                     else None)
-    return out
 
 
 @pytest.fixture
@@ -170,7 +163,7 @@ def test_tiny_budget_gives_the_same_matches(tmp_path, batch):
     out = tmp_path / "tiny.h5"
     match_features(tiny, pairs_file, feats, out, backend=LocalBackend(tiny["matcher"]))
 
-    a, b = matches_of(ref), matches_of(out)
+    a, b = h5_datasets(ref), h5_datasets(out)
     assert a.keys() == b.keys() and len(a) == 2 * len(pairs)  # matches0 + scores per pair
     for key in a:
         assert np.array_equal(a[key], b[key]), key
@@ -216,7 +209,7 @@ def test_changing_cache_mb_resumes(tmp_path):
     write_pairs(pairs_file, exhaustive_pairs(names))
     first = get_conf("sift", {"matcher.device": "cpu", "matcher.cache_mb": 0})
     match_features(first, pairs_file, feats, out)
-    before = matches_of(out)
+    before = h5_datasets(out)
     given: list = []
 
     def backend(pairs, features):
@@ -231,6 +224,6 @@ def test_changing_cache_mb_resumes(tmp_path):
         assert may_resume(out, stored, conf["matcher"], overwrite=False, what="matches file")
         match_features(conf, pairs_file, feats, out, backend=backend)
     assert given == []  # every pair already done: nothing recomputed
-    after = matches_of(out)
+    after = h5_datasets(out)
     assert after.keys() == before.keys()
     assert all(np.array_equal(after[k], before[k]) for k in before)

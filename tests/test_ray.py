@@ -17,7 +17,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import DATA, REPO, SHARED, texture
+from conftest import DATA, REPO, SHARED, assert_same_h5, texture
 
 ray = pytest.importorskip("ray")
 
@@ -67,20 +67,6 @@ def sift_reference(sacre, tmp_path_factory) -> Path:
     return extract_features(get_conf("sift", SIFT), SACRE, out)
 
 
-def datasets(path: Path) -> dict[str, np.ndarray]:
-    """Every dataset of an h5 file by its path."""
-    found: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda key, item: found.__setitem__(key, item[()])
-                     if isinstance(item, h5py.Dataset) else None)
-    return found
-
-
-def assert_same_files(a: Path, b: Path) -> None:
-    da, db = datasets(a), datasets(b)
-    assert sorted(da) == sorted(db)
-    for key, value in da.items():
-        assert value.dtype == db[key].dtype and np.array_equal(value, db[key]), key
 
 
 # --------------------------------------------------------------------------- no cluster needed
@@ -162,7 +148,7 @@ def test_sift_extract_and_match_equal_single_process(cluster, sacre, sift_refere
     backend = RayExtractBackend(conf, SACRE, RayOptions(workers=1))
     out = extract_features(conf, SACRE, tmp_path / "feats.h5", backend=backend)
     assert backend.stats["prep_slots"] == 1
-    assert_same_files(sift_reference, out)
+    assert_same_h5(sift_reference, out)
 
     pairs = tmp_path / "pairs.txt"
     write_pairs(pairs, exhaustive_pairs(sacre))
@@ -171,7 +157,7 @@ def test_sift_extract_and_match_equal_single_process(cluster, sacre, sift_refere
                                                           window_pairs=16))
     got = match_features(conf, pairs, out, tmp_path / "ray.h5", backend=matcher)
     assert matcher.stats["blocks"] > 3  # several windows and blocks, reordered on the driver
-    assert_same_files(local, got)
+    assert_same_h5(local, got)
 
 
 def test_worker_killed_during_extract(cluster, sacre, sift_reference, tmp_path: Path):
@@ -188,7 +174,7 @@ def test_worker_killed_during_extract(cluster, sacre, sift_reference, tmp_path: 
             yield outcome
 
     out = extract_features(conf, SACRE, tmp_path / "feats.h5", backend=killing_backend)
-    assert_same_files(sift_reference, out)
+    assert_same_h5(sift_reference, out)
     assert killed[0] > 0
 
 
@@ -210,7 +196,7 @@ def test_driver_killed_then_rerun_resumes(cluster, sacre, sift_reference, tmp_pa
     assert not out.exists() and parts.is_dir()
     # the rerun (without --ray: runs move between modes) keeps the finished images
     extract_features(get_conf("sift", SIFT), SACRE, out)
-    assert_same_files(sift_reference, out)
+    assert_same_h5(sift_reference, out)
 
 
 def test_bad_input_same_errors_with_and_without_ray(cluster, tmp_path: Path, caplog):
@@ -237,7 +223,7 @@ def test_bad_input_same_errors_with_and_without_ray(cluster, tmp_path: Path, cap
     rc, errors = runs["ray"]
     assert rc == 1 and any("broken.jpg" in e for e in errors) and any("tiny.png" in e
                                                                         for e in errors)
-    assert_same_files(tmp_path / "local.h5", tmp_path / "ray.h5")
+    assert_same_h5(tmp_path / "local.h5", tmp_path / "ray.h5")
     assert sorted(h5py.File(tmp_path / "ray.h5", "r")) == ["good0.png", "good1.png",
                                                             "good2.png"]
 
@@ -266,7 +252,7 @@ def test_tiny_sd_extract_and_match_equal_single_process(cluster, tmp_path: Path)
     with pytest.raises(PartialFailure):
         extract_features(conf, images, tmp_path / "ray.h5",
                          backend=RayExtractBackend(conf, images, RayOptions(workers=2)))
-    assert_same_files(tmp_path / "local.h5", tmp_path / "ray.h5")
+    assert_same_h5(tmp_path / "local.h5", tmp_path / "ray.h5")
     names = [f"im{i}.png" for i in range(5)]
     write_pairs(tmp_path / "pairs.txt", exhaustive_pairs(names))
     local = match_features(conf, tmp_path / "pairs.txt", tmp_path / "local.h5",
@@ -274,7 +260,7 @@ def test_tiny_sd_extract_and_match_equal_single_process(cluster, tmp_path: Path)
     got = match_features(conf, tmp_path / "pairs.txt", tmp_path / "local.h5",
                          tmp_path / "m_ray.h5",
                          backend=RayMatchBackend(conf["matcher"], RayOptions(block_images=4)))
-    assert_same_files(local, got)
+    assert_same_h5(local, got)
 
 
 def test_reconstruct_with_ray_writes_the_single_process_files(cluster, sacre, tmp_path: Path):
@@ -287,6 +273,6 @@ def test_reconstruct_with_ray_writes_the_single_process_files(cluster, sacre, tm
     _, remote = run_pipeline(conf, SACRE, tmp_path / "ray", min_model_size=2,
                              ray=RayOptions(workers=2))
     for name in (f"{conf['output']}.h5", f"{conf['output']}_matches.h5"):
-        assert_same_files(tmp_path / "local" / name, tmp_path / "ray" / name)
+        assert_same_h5(tmp_path / "local" / name, tmp_path / "ray" / name)
     assert remote.num_registered == local.num_registered >= 2
     assert set(remote.timings) >= {"extract", "match", "mapping"}

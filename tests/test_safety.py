@@ -15,7 +15,7 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from conftest import CLI_ENV, interrupt_cli, texture, texture_folder
+from conftest import CLI_ENV, h5_datasets, interrupt_cli, texture, texture_folder
 
 from dift_sfm.cli import main
 from dift_sfm.confs import ConfError, get_conf, resolve_conf
@@ -46,13 +46,6 @@ def images(tmp_path: Path) -> Path:
     return folder
 
 
-def _datasets(path: Path) -> dict[str, np.ndarray]:
-    out: dict[str, np.ndarray] = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset)
-                     else None)
-    return out
-
 
 # ----------------------------------------------------------------------- 1. stale matches
 def test_matches_of_other_features_are_refused_then_overwritten(images, tmp_path):
@@ -72,9 +65,9 @@ def test_matches_of_other_features_are_refused_then_overwritten(images, tmp_path
             idx, _ = read_matches(m, n0, n1)
             assert idx[:, 1].max() < len(f.keypoints(n1)) <= 50
     # matching B again resumes everything: nothing to do, same file
-    before = _datasets(m)
+    before = h5_datasets(m)
     assert main(["match", str(pairs), "--features", str(b), "-o", str(m)]) == 0
-    after = _datasets(m)
+    after = h5_datasets(m)
     assert before.keys() == after.keys()
     assert all(np.array_equal(before[k], after[k]) for k in before)
 
@@ -277,7 +270,7 @@ def test_kill_9_between_shards_and_merge_keeps_root_attributes(images, tmp_path)
     assert cli("extract", str(images), "-o", str(out)).returncode == 0  # nothing left to do
     with h5py.File(reference) as a, h5py.File(out) as b:
         assert dict(a.attrs) == dict(b.attrs) and b.attrs["featurizer_dim"] == 128
-    ref, got = _datasets(reference), _datasets(out)
+    ref, got = h5_datasets(reference), h5_datasets(out)
     assert ref.keys() == got.keys() and all(np.array_equal(ref[k], got[k]) for k in ref)
 
 

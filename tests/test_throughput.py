@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import CLI_ENV, interrupt_cli, texture, texture_folder
+from conftest import CLI_ENV, assert_same_h5, interrupt_cli, texture, texture_folder
 
 from dift_sfm.confs import get_conf
 from dift_sfm.errors import ImageReadError, PartialFailure
@@ -20,21 +20,6 @@ from dift_sfm.matchers import get_matcher, mutual_nearest_neighbours
 from dift_sfm.matchers.mnn import mnn_batch, prepare_descriptors
 from dift_sfm.pairs import exhaustive_pairs, write_pairs
 from dift_sfm.streams import run_ahead
-
-
-def datasets(path) -> dict[str, np.ndarray]:
-    out = {}
-    with h5py.File(path, "r") as f:
-        f.visititems(lambda k, v: out.__setitem__(k, v[()]) if isinstance(v, h5py.Dataset)
-                     else None)
-    return out
-
-
-def assert_same_file(a, b):
-    da, db = datasets(a), datasets(b)
-    assert da.keys() == db.keys()
-    for key in da:
-        assert np.array_equal(da[key], db[key]), key
 
 
 @pytest.fixture
@@ -69,7 +54,7 @@ def test_workers_give_identical_outcomes_and_files(folder, tmp_path, batch_size)
         with pytest.raises(PartialFailure):
             extract_features(conf, folder, out, backend=backend)
         outs.append(out)
-    assert_same_file(*outs)
+    assert_same_h5(*outs)
 
 
 def test_default_workers_and_bad_worker_type(folder):
@@ -126,7 +111,7 @@ def test_kill_9_during_pipelined_run_then_resume_is_identical(tmp_path):
     ref = tmp_path / "ref.h5"
     result = run(ref)
     assert result.returncode == 0, result.stderr
-    assert_same_file(out, ref)
+    assert_same_h5(out, ref)
 
 
 def _pairs(rng):
@@ -215,7 +200,7 @@ def test_match_features_batched_equals_one_pair_at_a_time(tmp_path):
         match_features(conf, pairs, feats, out, backend=MatchBackend(conf["matcher"],
                                                                      cache_bytes=1))
         outs.append(out)
-    assert_same_file(*outs)
+    assert_same_h5(*outs)
     matcher = get_matcher(get_conf("sift")["matcher"])
     assert matcher.pair_batch >= 1
 
@@ -261,7 +246,7 @@ def test_kill_9_during_match_then_resume_is_identical(tmp_path):
     ref = tmp_path / "ref.h5"
     result = run(ref)
     assert result.returncode == 0, result.stderr
-    assert_same_file(out, ref)
+    assert_same_h5(out, ref)
     with h5py.File(out) as a, h5py.File(ref) as b:
         assert dict(a.attrs) == dict(b.attrs)
         for key in ("00.jpg/01.jpg", "05.jpg/12.jpg"):
