@@ -55,7 +55,6 @@ def lru_reads(order: list[tuple[str, str]], capacity: int) -> int:
     return reads
 
 
-
 @pytest.fixture
 def count_reads(monkeypatch) -> Counter:
     """Counts ``FeaturesReader.descriptors`` calls per image name."""

@@ -67,8 +67,6 @@ def sift_reference(sacre, tmp_path_factory) -> Path:
     return extract_features(get_conf("sift", SIFT), SACRE, out)
 
 
-
-
 # --------------------------------------------------------------------------- no cluster needed
 def test_decode_image_is_read_image(tmp_path: Path):
     """Bytes decoded on a worker give the array read_image gives, errors worded the same."""

@@ -46,7 +46,6 @@ def images(tmp_path: Path) -> Path:
     return folder
 
 
-
 # ----------------------------------------------------------------------- 1. stale matches
 def test_matches_of_other_features_are_refused_then_overwritten(images, tmp_path):
     a = extract_features(get_conf("sift"), images, tmp_path / "A.h5")
