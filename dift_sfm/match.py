@@ -62,18 +62,13 @@ def locality_order(pairs: Sequence[tuple[str, str]], capacity: int) -> list[tupl
     return [pairs[k] for k in np.argsort(key, kind="stable")]
 
 
-def _nbytes(desc: Any) -> int:
-    """Memory held by prepared descriptors (a tensor's or an array's ``nbytes``)."""
-    return int(getattr(desc, "nbytes", 0))
-
-
 class DescriptorCache:
-    """Prepared descriptors of the images used last, within a budget of bytes (LRU).
+    """Descriptors of the images used last, within a budget of bytes (LRU).
 
-    ``get(name, keep)`` returns an image's prepared descriptors, reading them (``load``) on
-    a miss; then the least recently used entries are dropped until the cache fits the budget,
-    except ``name`` and those in ``keep`` (the images of the batch being built, so the cache
-    may exceed the budget by one batch). ``reads`` counts the loads.
+    ``get(name, keep)`` returns an image's descriptors (anything with ``nbytes``), reading
+    them (``load``) on a miss; then the least recently used entries are dropped until the
+    cache fits the budget, except ``name`` and those in ``keep`` (the images of the batch
+    being built, so the cache may exceed the budget by one batch). ``reads`` counts the loads.
     """
 
     def __init__(self, load: Callable[[str], Any], budget: int):
@@ -82,9 +77,6 @@ class DescriptorCache:
         self.entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
         self.bytes = 0
         self.reads = 0
-
-    def __contains__(self, name: str) -> bool:
-        return name in self.entries
 
     def touch(self, names: Iterable[str]) -> None:
         """Mark ``names`` (those cached) as used now."""
@@ -97,7 +89,7 @@ class DescriptorCache:
         if entry is None:
             value = self.load(name)
             self.reads += 1
-            entry = self.entries[name] = (value, _nbytes(value))
+            entry = self.entries[name] = (value, int(value.nbytes))
             self.bytes += entry[1]
             self._evict(name, keep)
         self.entries.move_to_end(name)
@@ -119,23 +111,22 @@ class _Resident:
 
     Preparing there keeps torch's CPU work in one thread: a second thread running torch ops
     starts a second OpenMP team, and on a CPU the two teams' spinning workers slowed each
-    matching op ~2x. ``nbytes`` is the prepared size (float32) when ``prepared``, so the
-    cache budget counts what stays resident.
+    matching op ~2x. ``nbytes`` is the prepared size (float32) when there is a ``prepare``,
+    so the cache budget counts what stays resident.
     """
 
-    __slots__ = ("_value", "_ready", "shape", "nbytes")
+    __slots__ = ("_value", "_prepare", "shape", "nbytes")
 
-    def __init__(self, descriptors: np.ndarray, prepared: bool):
+    def __init__(self, descriptors: np.ndarray, prepare: Callable[[np.ndarray], Any] | None):
         self._value: Any = descriptors
-        self._ready = not prepared
+        self._prepare = prepare
         self.shape = descriptors.shape
-        self.nbytes = int(descriptors.size * 4 if prepared else descriptors.nbytes)
+        self.nbytes = int(descriptors.size * 4 if prepare is not None else descriptors.nbytes)
 
-    def value(self, prepare: Callable[[np.ndarray], Any] | None) -> Any:
+    def value(self) -> Any:
         """The descriptors as the matcher takes them (prepared once, then kept)."""
-        if not self._ready:
-            self._value = prepare(self._value) if prepare is not None else self._value
-            self._ready = True
+        if self._prepare is not None:
+            self._value, self._prepare = self._prepare(self._value), None
         return self._value
 
 
@@ -192,17 +183,17 @@ class LocalBackend:
               batch: int) -> Iterator[tuple[list[tuple[str, str]], list, list]]:
         """Batches of (pairs, desc0 holders, desc1 holders) (``_Resident``: read here,
         prepared for the matcher by the thread that matches)."""
-        prepared = getattr(self.matcher, "prepare", None) is not None
+        prepare = getattr(self.matcher, "prepare", None)
 
         def load(name: str) -> _Resident:
-            return _Resident(features.descriptors(name), prepared)
+            return _Resident(features.descriptors(name), prepare)
 
         budget = self.budget()
         cache = DescriptorCache(load, budget)
         images = list(dict.fromkeys(n for pair in pairs for n in pair))
         per_image = 0
         for name in images[:8]:  # size of one image: the first with any descriptor
-            per_image = _nbytes(cache.get(name))
+            per_image = cache.get(name).nbytes
             if per_image:
                 break
         cache.budget = max(budget, 2 * batch * per_image)
@@ -227,7 +218,6 @@ class LocalBackend:
                     check_same_dim(features, name0, d0, name1, d1)
                     d0s.append(d0)
                     d1s.append(d1)
-                self.stats["reads"] = cache.reads
                 yield chunk, d0s, d1s
         finally:
             self.stats["reads"] = cache.reads
@@ -238,9 +228,8 @@ class LocalBackend:
                ) -> Iterator[list[PairMatches]]:
         """The results of each batch, as one list."""
         match_prepared = getattr(self.matcher, "match_prepared", None)
-        prepare = getattr(self.matcher, "prepare", None)
         for chunk, h0s, h1s in loaded:
-            d0s, d1s = [h.value(prepare) for h in h0s], [h.value(prepare) for h in h1s]
+            d0s, d1s = [h.value() for h in h0s], [h.value() for h in h1s]
             if match_prepared is not None:
                 results = match_prepared(d0s, d1s)
             else:
