@@ -27,6 +27,7 @@ from .formats.h5store import ShardedH5Writer
 from .formats.resume import may_resume
 from .images import read_image, resize_max, resolve_image_list
 from .keypoints import Keypoints, detect_keypoints, import_keypoints
+from .planning import featurizer_batch_size, image_batches
 from .progress import progress
 from .streams import ordered_map, run_ahead
 
@@ -156,7 +157,11 @@ class LocalBackend:
         self.prefetch = prefetch
 
     def _batch_size(self) -> int:
-        return max(1, int(getattr(self.featurizer, "batch_size", 1) or 1))
+        """Images per featurizer call: the featurizer's (given or built from the conf, by the
+        rule of ``planning.featurizer_batch_size``)."""
+        if self.featurizer is not None:
+            return self.featurizer.batch_size
+        return featurizer_batch_size(self.conf["featurizer"])
 
     def _featurizer(self) -> Featurizer:
         if self.featurizer is None:
@@ -180,8 +185,7 @@ class LocalBackend:
         else:
             pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="dift-sfm-prepare")
         try:
-            batch_size = max(1, int(self.conf["featurizer"].get("batch_size") or 1))
-            depth = self.prefetch or 2 * self.num_workers + batch_size
+            depth = self.prefetch or 2 * self.num_workers + self._batch_size()
             load = partial(load_prepared, self.image_dir, conf=self.conf)
             prepared = zip(names, ordered_map(load, names, pool, depth), strict=True)
             self._featurizer()  # the pool prepares the first images meanwhile
@@ -194,27 +198,20 @@ class LocalBackend:
     def _describe_stream(
             self, prepared: Iterable[tuple[str, PreparedImage | ImageReadError]]
     ) -> Iterator[Outcome]:
-        """Outcomes of prepared images, in order; the featurizer sees batches of them."""
-        batch_size = self._batch_size()
-        batch: list[PreparedImage] = []
-        for name, item in prepared:
-            if isinstance(item, ImageReadError):
-                yield from self._describe(batch)
-                yield name, item
-                continue
-            batch.append(item)
-            if len(batch) >= batch_size:
-                yield from self._describe(batch)
-        yield from self._describe(batch)
+        """Outcomes of prepared images, in order; the featurizer sees the batches of
+        ``planning.image_batches`` (an unreadable image ends the batch being built)."""
+        for unit in image_batches(prepared, self._batch_size(),
+                                  failed=lambda item: isinstance(item, ImageReadError)):
+            if unit.failed:
+                yield from unit.items
+            else:
+                yield from self._describe([item for _, item in unit.items])
 
     def _describe(self, batch: list[PreparedImage]) -> Iterator[Outcome]:
-        if not batch:
-            return
         descs = self._featurizer().describe_batch([b.resized for b in batch],
                                                   [b.keypoints_resized for b in batch])
         for item, desc in zip(batch, descs, strict=True):
             yield item.name, Described(item.name, item.image_size, item.keypoints, desc)
-        batch.clear()
 
 
 def extract_features(

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections import OrderedDict
-from collections.abc import Callable, Container, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,8 @@ from .formats.matches import (
 )
 from .formats.resume import StaleOutputError, may_resume, settings_diff
 from .matchers import get_matcher
-from .matchers.mnn import cache_budget
 from .pairs import read_pairs
+from .planning import ByteBudgetCache, locality_order, pair_batches, stream_tile
 from .progress import progress
 from .streams import run_ahead
 
@@ -35,74 +34,6 @@ logger = logging.getLogger("dift_sfm")
 
 #: What a matching backend yields, in any order (each entry is written under its pair key).
 PairMatches = tuple[tuple[str, str], np.ndarray, np.ndarray]  # pair, matches0, scores0
-
-
-def locality_order(pairs: Sequence[tuple[str, str]], capacity: int) -> list[tuple[str, str]]:
-    """``pairs`` in an order that needs few descriptor reads with ``capacity`` images resident.
-
-    Images are numbered by first appearance; with tiles of T = max(1, capacity // 3) images,
-    pair (a, b) goes to tile (min(a, b) // T, max(a, b) // T), tiles in row-major order, pairs
-    of a tile in their given order (a stable sort). A tile touches at most 2T images and the
-    next tile of its row shares its T row images, so a least-recently-used cache of 3T images
-    reads each column block once per row block: about N^2 / (2T) + N reads for the exhaustive
-    pairs of N images instead of about one per pair. When every image fits (capacity >= N),
-    the order is unchanged.
-    """
-    position: dict[str, int] = {}
-    for pair in pairs:
-        for name in pair:
-            position.setdefault(name, len(position))
-    if capacity >= len(position):
-        return list(pairs)
-    tile = max(1, capacity // 3)
-    tiles = -(-len(position) // tile)
-    index = np.array([[position[a], position[b]] for a, b in pairs], np.int64).reshape(-1, 2)
-    index //= tile
-    key = index.min(1) * tiles + index.max(1)
-    return [pairs[k] for k in np.argsort(key, kind="stable")]
-
-
-class DescriptorCache:
-    """Descriptors of the images used last, within a budget of bytes (LRU).
-
-    ``get(name, keep)`` returns an image's descriptors (anything with ``nbytes``), reading
-    them (``load``) on a miss; then the least recently used entries are dropped until the
-    cache fits the budget, except ``name`` and those in ``keep`` (the images of the batch
-    being built, so the cache may exceed the budget by one batch). ``reads`` counts the loads.
-    """
-
-    def __init__(self, load: Callable[[str], Any], budget: int):
-        self.load = load
-        self.budget = budget
-        self.entries: OrderedDict[str, tuple[Any, int]] = OrderedDict()
-        self.bytes = 0
-        self.reads = 0
-
-    def touch(self, names: Iterable[str]) -> None:
-        """Mark ``names`` (those cached) as used now."""
-        for name in names:
-            if name in self.entries:
-                self.entries.move_to_end(name)
-
-    def get(self, name: str, keep: Container[str] = ()) -> Any:
-        entry = self.entries.get(name)
-        if entry is None:
-            value = self.load(name)
-            self.reads += 1
-            entry = self.entries[name] = (value, int(value.nbytes))
-            self.bytes += entry[1]
-            self._evict(name, keep)
-        self.entries.move_to_end(name)
-        return entry[0]
-
-    def _evict(self, name: str, keep: Container[str]) -> None:
-        """Drop the oldest entries until within budget; never ``name`` (the newest) or
-        ``keep`` (touched just before: everything older is gone once one is reached)."""
-        while self.bytes > self.budget:
-            oldest = next(iter(self.entries))
-            if oldest == name or oldest in keep:
-                break
-            self.bytes -= self.entries.pop(oldest)[1]
 
 
 class _Resident:
@@ -134,18 +65,20 @@ class LocalBackend:
     """Matches pairs on this machine with the conf's matcher, many pairs per device call.
 
     Three stages overlap: a reader thread reads the descriptors of the next pairs from the
-    features file (kept resident within a budget of bytes, ``DescriptorCache``); a matcher
-    thread moves them to the matcher's device on first use (normalised: ``MNN.prepare``,
-    once per cached image) and matches ``matcher.pair_batch`` consecutive pairs per batched
-    product (``MNN.match_prepared``); the caller writes the results meanwhile. On a CPU the
+    features file (kept resident within a budget of bytes, ``planning.ByteBudgetCache``); a
+    matcher thread moves them to the matcher's device on first use (normalised:
+    ``Matcher.prepare``, once per cached image) and matches ``matcher.pair_batch`` consecutive
+    pairs per batched product (``planning.pair_batches``, ``Matcher.match_prepared``); the
+    caller writes the results meanwhile. On a CPU the
     matching runs in the caller's thread instead: torch's CPU ops run ~2x slower in a second
     thread once the first has used them (two OpenMP teams on the same cores, measured in
     docs/benchmarks.md), and writing a pair costs well under 1% of matching it there.
 
-    The budget is ``cache_bytes``, else the matcher's ``cache_mb`` (``MNN.cache_bytes``), and
-    never less than one batch of pairs needs. When the descriptors of every image of the run
-    fit, each image is read once and the pairs keep their order; otherwise they are processed
-    in ``locality_order`` (capacity estimated from the first image read), so that the reads
+    The budget is ``cache_bytes``, else the matcher's ``cache_mb`` (``Matcher.cache_bytes``),
+    and never less than one batch of pairs needs. When the descriptors of every image of the
+    run fit, each image is read once and the pairs keep their order; otherwise they are
+    processed in ``planning.locality_order`` (capacity estimated from the first image read), so
+    that the reads
     grow with N^2 / capacity instead of the number of pairs.
 
     ``__call__(pairs, features)`` yields ``(pair, matches0 (N0,), scores0 (N0,))`` in that
@@ -162,11 +95,11 @@ class LocalBackend:
                  features: FeaturesReader) -> Iterator[PairMatches]:
         if not pairs:
             return
-        batch = getattr(self.matcher, "pair_batch", 1)
+        batch = self.matcher.pair_batch
         ahead = max(1, int(self.matcher.conf.get("prefetch") or 1) // batch)
         loaded = run_ahead(self._load(pairs, features, batch), ahead, "dift-sfm-read")
         matched = self._match(loaded)
-        if getattr(getattr(self.matcher, "device", None), "type", "cpu") != "cpu":
+        if self.matcher.device.type != "cpu":
             # a device: launching the next batch overlaps the caller's writing
             matched = run_ahead(matched, 2, "dift-sfm-match")
         for results in matched:
@@ -176,20 +109,19 @@ class LocalBackend:
         """The cache budget in bytes before the one-batch floor (measured now for 'auto')."""
         if self.cache_bytes is not None:
             return int(self.cache_bytes)
-        cache_bytes = getattr(self.matcher, "cache_bytes", None)
-        return cache_bytes() if cache_bytes is not None else cache_budget("auto", "cpu")
+        return self.matcher.cache_bytes()
 
     def _load(self, pairs: list[tuple[str, str]], features: FeaturesReader,
               batch: int) -> Iterator[tuple[list[tuple[str, str]], list, list]]:
         """Batches of (pairs, desc0 holders, desc1 holders) (``_Resident``: read here,
         prepared for the matcher by the thread that matches)."""
-        prepare = getattr(self.matcher, "prepare", None)
+        prepare = self.matcher.prepare
 
         def load(name: str) -> _Resident:
             return _Resident(features.descriptors(name), prepare)
 
         budget = self.budget()
-        cache = DescriptorCache(load, budget)
+        cache: ByteBudgetCache[_Resident] = ByteBudgetCache(load, budget)
         images = list(dict.fromkeys(n for pair in pairs for n in pair))
         per_image = 0
         for name in images[:8]:  # size of one image: the first with any descriptor
@@ -205,10 +137,9 @@ class LocalBackend:
                     cache.budget / 2**20, min(capacity, len(images)), len(images),
                     per_image / 2**20,
                     "" if capacity >= len(images) else
-                    f"; pairs reordered in tiles of {max(1, capacity // 3)} images")
+                    f"; pairs reordered in tiles of {stream_tile(capacity)} images")
         try:
-            for start in range(0, len(order), batch):
-                chunk = order[start:start + batch]
+            for chunk in pair_batches(order, batch):
                 names = list(dict.fromkeys(n for pair in chunk for n in pair))
                 cache.touch(names)
                 keep = set(names)
@@ -227,13 +158,9 @@ class LocalBackend:
     def _match(self, loaded: Iterator[tuple[list[tuple[str, str]], list, list]]
                ) -> Iterator[list[PairMatches]]:
         """The results of each batch, as one list."""
-        match_prepared = getattr(self.matcher, "match_prepared", None)
         for chunk, h0s, h1s in loaded:
-            d0s, d1s = [h.value() for h in h0s], [h.value() for h in h1s]
-            if match_prepared is not None:
-                results = match_prepared(d0s, d1s)
-            else:
-                results = [self.matcher(d0, d1) for d0, d1 in zip(d0s, d1s, strict=True)]
+            results = self.matcher.match_prepared([h.value() for h in h0s],
+                                                  [h.value() for h in h1s])
             yield [(pair, m0, s0) for pair, (m0, s0) in zip(chunk, results, strict=True)]
 
 

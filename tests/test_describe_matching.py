@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
+from dift_sfm.descriptor_sampling import sample_descriptors
 from dift_sfm.featurizers.base import DenseFeatures
 from dift_sfm.matchers import get_matcher, matcher_defaults, mutual_nearest_neighbours
-from dift_sfm.sampling import sample_descriptors
 
 
 def kornia_mnn(d0: np.ndarray, d1: np.ndarray) -> np.ndarray:

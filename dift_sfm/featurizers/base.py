@@ -16,8 +16,9 @@ import torch
 import torch.nn.functional as F
 
 from .. import logger
+from ..descriptor_sampling import sample_descriptors
 from ..errors import DiftSfmError
-from ..sampling import sample_descriptors
+from ..planning import featurizer_batch_size
 
 T = TypeVar("T")
 #: CUDA (and other accelerators') out-of-memory error
@@ -81,7 +82,7 @@ class Featurizer:
                 f"'{self.default_conf.get('name')}'. Valid keys: "
                 f"{', '.join(sorted(self.default_conf))}.")
         self.conf = {**copy.deepcopy(self.default_conf), **conf}
-        self.batch_size = max(1, int(self.conf.get("batch_size") or 1))
+        self.batch_size = featurizer_batch_size(self.conf)
 
     def describe(self, image: np.ndarray, keypoints: np.ndarray, **kwargs) -> np.ndarray:
         """Descriptors of ``image`` (H, W, 3) float32 RGB in [0, 1] at ``keypoints`` (N, 2).

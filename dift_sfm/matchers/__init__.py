@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 
 from ..errors import DiftSfmError
+from .base import Matcher
 from .mnn import MNN, mutual_nearest_neighbours
 
 MATCHERS = {"mnn": MNN}
@@ -21,9 +22,10 @@ def matcher_defaults(name: str) -> dict:
     return copy.deepcopy(_matcher_class(name).default_conf)
 
 
-def get_matcher(conf: dict) -> MNN:
+def get_matcher(conf: dict) -> Matcher:
     """Build the matcher named by ``conf['name']`` with the rest of ``conf`` as settings."""
     return _matcher_class(conf.get("name"))(conf)
 
 
-__all__ = ["MATCHERS", "MNN", "get_matcher", "matcher_defaults", "mutual_nearest_neighbours"]
+__all__ = ["MATCHERS", "MNN", "Matcher", "get_matcher", "matcher_defaults",
+           "mutual_nearest_neighbours"]
