@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from .errors import DiftSfmError
+from .formats.resume import CONF_SECTIONS
 from .images import PREPROCESSING_DEFAULTS
 from .keypoints import detector_defaults
 from .pca import default_conf as pca_defaults
@@ -38,14 +39,16 @@ def _matcher_defaults(name: str | None) -> dict[str, Any]:
     return matcher_defaults(name)
 
 
-#: section -> function(component name) -> that component's complete default section
-SECTIONS: dict[str, Callable[[str | None], dict[str, Any]]] = {
+_DEFAULTS: dict[str, Callable[[str | None], dict[str, Any]]] = {
     "preprocessing": lambda _: copy.deepcopy(PREPROCESSING_DEFAULTS),
     "keypoints": detector_defaults,
     "featurizer": _featurizer_defaults,
     "matcher": _matcher_defaults,
     "pca": lambda _: copy.deepcopy(pca_defaults),
 }
+#: section -> function(component name) -> that component's complete default section, for
+#: each section of ``formats.resume.CONF_SECTIONS`` (the one list of sections), in its order
+SECTIONS = {section: _DEFAULTS[section] for section in CONF_SECTIONS}
 TOP_LEVEL = ("name", "output")
 #: the component of a section that names none
 DEFAULT_COMPONENT = {"keypoints": "dog", "featurizer": "sift", "matcher": "mnn"}

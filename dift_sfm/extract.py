@@ -24,7 +24,7 @@ from .formats.features import (
     is_complete_features,
 )
 from .formats.h5store import ShardedH5Writer
-from .formats.resume import may_resume
+from .formats.resume import CONF_SECTIONS, may_resume
 from .images import read_image, resize_max, resolve_image_list
 from .keypoints import Keypoints, detect_keypoints, import_keypoints
 from .planning import featurizer_batch_size, image_batches
@@ -33,8 +33,6 @@ from .streams import ordered_map, run_ahead
 
 logger = logging.getLogger("dift_sfm")
 
-#: Conf sections stored in a features file: all of them, so `match` can use them as written.
-STORED_SECTIONS = ("preprocessing", "keypoints", "featurizer", "matcher", "pca")
 
 
 def _may_keep(source: Path, conf: dict, overwrite: bool) -> bool:
@@ -240,7 +238,7 @@ def extract_features(
     image_dir, feature_path = Path(image_dir), Path(feature_path)
     names = resolve_image_list(image_dir, image_list)
     root_attrs = {"conf": conf.get("name", ""), "featurizer": conf["featurizer"]["name"],
-                  "conf_json": json.dumps({k: conf[k] for k in STORED_SECTIONS})}
+                  "conf_json": json.dumps({k: conf[k] for k in CONF_SECTIONS})}
     writer = ShardedH5Writer(feature_path, is_complete_features, root_attrs)  # locks the output
     try:
         keep = all(_may_keep(source, conf, overwrite) for source in writer.sources())

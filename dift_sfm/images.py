@@ -92,11 +92,12 @@ def check_image_names(names: Iterable[str], source: str = "the image list") -> l
     one file on macOS and Windows); names that differ only by '/' vs '-' (``a/b.jpg`` /
     ``a-b.jpg``: one hloc pair key). Raises DiftSfmError naming both. Returns ``names``.
     """
+    from .formats.matches import key_name  # the hloc pair-key rule
+
     names = list(names)
     for label, norm in (("twice", lambda n: n),
                         ("differing only in letter case", str.casefold),
-                        ("differing only by '/' vs '-', one hloc matches.h5 key",
-                         lambda n: n.replace("/", "-"))):
+                        ("differing only by '/' vs '-', one hloc matches.h5 key", key_name)):
         seen: dict[str, str] = {}
         for name in names:
             key = norm(name)

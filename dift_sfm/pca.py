@@ -58,7 +58,7 @@ def project(descriptors: np.ndarray, mean: np.ndarray, components: np.ndarray) -
 def _sample(features: FeaturesReader, names: list[str], max_samples: int,
             seed: int) -> np.ndarray:
     """Up to ``max_samples`` descriptors (M, D), drawn uniformly over all of ``names``."""
-    counts = np.array([features.file[n]["descriptors"].shape[1] for n in names])
+    counts = np.array([features.descriptors_shape(n)[0] for n in names])
     total = int(counts.sum())
     keep = np.arange(total)
     if total > max_samples:
@@ -112,7 +112,7 @@ def reduce_features_file(feature_path: str | os.PathLike, dim: int | None,
                               f"root attributes: extract again with overwrite.")
         if not todo:
             return path
-        dims = {f.file[n]["descriptors"].shape[0] for n in todo}
+        dims = {f.descriptors_shape(n)[1] for n in todo}
         if len(dims) > 1:
             raise FormatError(f"{path} mixes descriptor sizes {sorted(dims)}: cannot reduce.")
         d = dims.pop()

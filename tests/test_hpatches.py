@@ -269,7 +269,9 @@ def test_synthetic_gluefactory_by_hand(synthetic_hpatches):
                                    atol=1e-9)
         err = p["gluefactory"]["corner_error"]
         errors[p["category"]].append(np.inf if err is None else err)
-        assert err is None or err >= 0
+    # SIFT solves the easy synthetic pairs at the short side too (as at full resolution)
+    assert all(p["gluefactory"]["corner_error"] is not None
+               and p["gluefactory"]["corner_error"] < 1.0 for p in pairs if p["k"] == 2)
     for c in ("illumination", "viewpoint", "all"):
         errs = np.sort(errors["illumination"] + errors["viewpoint"] if c == "all" else errors[c])
         for t, auc in zip(ACC, s["auc"][c], strict=True):

@@ -3,7 +3,6 @@ import pytest
 from conftest import texture
 
 from dift_sfm.cli import build_parser, main
-from dift_sfm.confs import confs, get_conf
 from dift_sfm.errors import DiftSfmError
 from dift_sfm.keypoints import detect_dog, detect_gftt, detect_grid, detect_keypoints
 
@@ -40,21 +39,9 @@ def test_grid_is_centred_and_limited():
     assert len(detect_grid(np.zeros((100, 160, 3)), step=4, max_keypoints=100)) <= 100
 
 
-def test_unknown_detector_and_conf():
+def test_unknown_detector():
     with pytest.raises(DiftSfmError, match="Unknown keypoint detector"):
         detect_keypoints(np.zeros((32, 32, 3)), {"name": "superpoint"})
-    with pytest.raises(DiftSfmError, match="Unknown conf 'nope'"):
-        get_conf("nope")
-    with pytest.raises(DiftSfmError, match="Unknown conf section"):
-        get_conf("sift", {"nosuch.field": 1})
-
-
-def test_conf_overrides_are_deep_copies():
-    conf = get_conf("dift-sd", {"featurizer.t": 41, "keypoints.max_keypoints": 10})
-    assert conf["featurizer"]["t"] == 41 and get_conf("dift-sd")["featurizer"]["t"] == 0
-    assert conf["keypoints"]["max_keypoints"] == 10
-    assert get_conf("sift")["keypoints"]["max_keypoints"] == 4096
-    assert "max_keypoints" not in confs["sift"]["keypoints"]  # named confs only override
 
 
 def test_cli_confs_and_help(capsys):

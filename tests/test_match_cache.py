@@ -10,16 +10,17 @@ import pytest
 import torch
 from conftest import h5_datasets
 
-from dift_sfm.confs import ConfError, get_conf, resolve_conf
+from dift_sfm.confs import get_conf
 from dift_sfm.formats.features import FeaturesReader, feature_datasets, is_complete_features
 from dift_sfm.formats.h5store import ShardedH5Writer
 from dift_sfm.formats.matches import MatchesReader
 from dift_sfm.formats.resume import may_resume, settings_diff
-from dift_sfm.match import LocalBackend, locality_order, match_features
+from dift_sfm.match import LocalBackend, match_features
 from dift_sfm.matchers import MNN
 from dift_sfm.matchers import mnn as mnn_module
 from dift_sfm.matchers.mnn import cache_budget
 from dift_sfm.pairs import exhaustive_pairs, write_pairs
+from dift_sfm.planning import locality_order
 
 DIM = 8
 
@@ -171,16 +172,7 @@ def test_tiny_budget_gives_the_same_matches(tmp_path, batch):
 
 
 # ----------------------------------------------------------------------- the conf key
-def test_cache_mb_validates():
-    assert get_conf("sift")["matcher"]["cache_mb"] == "auto"
-    assert resolve_conf({"name": "x"}, {"matcher.cache_mb": 512})["matcher"]["cache_mb"] == 512
-    assert get_conf("sift", {"matcher.cache_mb": "auto"})["matcher"]["cache_mb"] == "auto"
-    for bad in ("lots", 1.5, True, [64]):
-        with pytest.raises(ConfError, match="matcher.cache_mb"):
-            get_conf("sift", {"matcher.cache_mb": bad})
-    with pytest.raises(ConfError, match="matcher.pair_batch"):
-        get_conf("sift", {"matcher.pair_batch": "many"})
-    assert get_conf("sift", {"matcher.device": "cuda:1"})["matcher"]["device"] == "cuda:1"
+def test_cache_mb_validates():  # the conf's checks of cache_mb: tests/test_confs.py
     with pytest.raises(ValueError, match="cache_mb"):
         MNN({"cache_mb": -1})
     assert MNN({"cache_mb": 3, "device": "cpu"}).cache_bytes() == 3 * 2**20

@@ -30,7 +30,6 @@ from dift_sfm.distributed import (  # noqa: E402
     RayOptions,
     RayUnavailableError,
     import_ray,
-    plan_blocks,
     worker_pids,
 )
 from dift_sfm.errors import ImageReadError, PartialFailure  # noqa: E402
@@ -89,19 +88,6 @@ def test_decode_image_is_read_image(tmp_path: Path):
             continue
         got = decode_image(path.read_bytes(), path)
         assert got.dtype == expected.dtype and np.array_equal(got, expected), path.name
-
-
-def test_plan_blocks_cover_every_pair_once():
-    names = [f"im{i}" for i in range(40)]
-    pairs = exhaustive_pairs(names)[:300]
-    blocks = plan_blocks(pairs, block_images=16, max_pairs=50)
-    covered = sorted(k for _, members in blocks for k in members)
-    assert covered == list(range(len(pairs)))
-    for images, members in blocks:
-        assert len(images) <= 16 and len(members) <= 50
-        assert {n for k in members for n in pairs[k]} == set(images)
-    # images shared between pairs are shipped once per block: far fewer than 2 per pair
-    assert sum(len(i) for i, _ in blocks) < 0.5 * len(pairs)
 
 
 def test_ray_not_installed(monkeypatch):

@@ -18,7 +18,7 @@ import pytest
 from conftest import CLI_ENV, h5_datasets, interrupt_cli, texture, texture_folder
 
 from dift_sfm.cli import main
-from dift_sfm.confs import ConfError, get_conf, resolve_conf
+from dift_sfm.confs import ConfError, get_conf
 from dift_sfm.errors import DiftSfmError, FormatError
 from dift_sfm.extract import extract_features
 from dift_sfm.formats.features import FeaturesReader, list_names
@@ -163,16 +163,6 @@ def test_unknown_keys_and_wrong_types_are_one_line_errors(override, message, ima
     key, value = override.split("=")
     with pytest.raises(ConfError):
         get_conf("sift", {key: value})
-
-
-def test_valid_keys_are_listed_and_a_new_component_brings_its_own_keys():
-    with pytest.raises(ConfError, match="Valid: .*contrast_threshold.*max_keypoints"):
-        get_conf("sift", {"keypoints.max_keypoint": 1})
-    grid = get_conf("sift", {"keypoints.name": "grid"})
-    assert grid["keypoints"]["step"] == 16 and "contrast_threshold" not in grid["keypoints"]
-    with pytest.raises(ConfError, match="keypoints.contrast_threshold"):
-        get_conf("sift", {"keypoints.name": "grid", "keypoints.contrast_threshold": 0.1})
-    assert resolve_conf({"featurizer": {"name": "sift"}})["matcher"]["metric"] == "cosine"
 
 
 # ----------------------------------------------------------------------- 4. mismatched conf

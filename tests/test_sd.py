@@ -16,7 +16,7 @@ import torch
 from conftest import texture
 from safetensors.torch import load_file, save_file
 
-from dift_sfm.errors import ModelLoadError
+from dift_sfm.errors import DiftSfmError, ModelLoadError
 from dift_sfm.featurizers.sd import (
     SDFeaturizer,
     input_size,
@@ -217,7 +217,7 @@ def test_input_size(spec, wh, want):
 
 def test_bad_img_size_is_clear(tiny: Path, embeds_file: Path):
     f = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[100, 96])
-    with pytest.raises(Exception, match="multiples of 32"):
+    with pytest.raises(DiftSfmError, match="multiples of 32"):
         f.dense(np.zeros((50, 50, 3), np.float32))
 
 

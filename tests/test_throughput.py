@@ -12,7 +12,7 @@ import torch
 from conftest import CLI_ENV, assert_same_h5, interrupt_cli, texture, texture_folder
 
 from dift_sfm.confs import get_conf
-from dift_sfm.errors import ImageReadError, PartialFailure
+from dift_sfm.errors import DiftSfmError, ImageReadError, PartialFailure
 from dift_sfm.extract import LocalBackend, default_workers, extract_features
 from dift_sfm.match import LocalBackend as MatchBackend
 from dift_sfm.match import match_features
@@ -57,10 +57,14 @@ def test_workers_give_identical_outcomes_and_files(folder, tmp_path, batch_size)
     assert_same_h5(*outs)
 
 
-def test_default_workers_and_bad_worker_type(folder):
-    assert 1 <= default_workers() <= 8
-    with pytest.raises(Exception, match="worker type"):
-        LocalBackend(get_conf("sift"), folder, worker_type="fibre")
+def test_pool_size_and_bad_worker_type(folder):
+    conf = get_conf("sift")
+    assert LocalBackend(conf, folder).num_workers == default_workers()  # None: the default
+    assert LocalBackend(conf, folder, num_workers=0).num_workers == 0  # no pool
+    assert LocalBackend(conf, folder, num_workers=-3).num_workers == 0
+    assert LocalBackend(conf, folder, num_workers=3).num_workers == 3
+    with pytest.raises(DiftSfmError, match="Unknown worker type 'fibre'"):
+        LocalBackend(conf, folder, worker_type="fibre")
 
 
 def test_run_ahead_keeps_order_raises_and_stops():

@@ -9,8 +9,6 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 
 import cv2
@@ -19,14 +17,15 @@ import numpy as np
 from ..errors import DiftSfmError
 from ..formats.features import FeaturesReader, feature_datasets, is_complete_features
 from ..formats.h5store import ShardedH5Writer
+from ..formats.resume import CONF_SECTIONS, settings_tag
 from ..geometry import scale_pixel_coords
 
 
 def conf_tag(conf: dict) -> str:
-    """``<conf name>-<8 hex>``: a hash of everything that changes the features or matches."""
-    keys = ("preprocessing", "keypoints", "featurizer", "matcher", "pca")
-    blob = json.dumps({k: conf.get(k) for k in keys}, sort_keys=True, default=str)
-    return f"{conf.get('name', 'conf')}-{hashlib.sha1(blob.encode()).hexdigest()[:8]}"
+    """``<conf name>-<8 hex>``: a hash of every setting that changes the features or matches,
+    by the resume rule (``formats.resume.settings_tag``: runtime keys such as ``device`` or
+    ``cache_mb`` change where and how fast, not what, so they keep the cached files)."""
+    return f"{conf.get('name', 'conf')}-{settings_tag({k: conf.get(k) for k in CONF_SECTIONS})}"
 
 
 def resized_name(name: str) -> str:

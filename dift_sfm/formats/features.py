@@ -17,10 +17,7 @@ import numpy as np
 
 from ..errors import FormatError
 from .h5store import H5Reader, decode_attr, iter_entries
-from .resume import significant
-
-#: Conf sections that shape a features file's content (the matcher section does not).
-FEATURE_SECTIONS = ("preprocessing", "keypoints", "featurizer", "pca")
+from .resume import FEATURE_SECTIONS, significant
 
 
 def is_complete_features(group: h5py.Group) -> bool:
@@ -156,6 +153,14 @@ class FeaturesReader(H5Reader):
         if not is_complete_features(group):
             raise FormatError(f"Entry '{name}' of features file {self.path} is incomplete.")
         return group["descriptors"][()].T.astype(np.float32, copy=False)  # no copy if fp32
+
+    def descriptors_shape(self, name: str) -> tuple[int, int]:
+        """(N, D) of image ``name``'s descriptors, read from the file's metadata only."""
+        group = self._group(name)
+        if "descriptors" not in group:
+            raise FormatError(f"Entry '{name}' of features file {self.path} has no 'descriptors'.")
+        d, n = group["descriptors"].shape  # stored (D, N), hloc's layout
+        return int(n), int(d)
 
     def scores(self, name: str) -> np.ndarray:
         """(N,) float32 keypoint scores of image ``name``."""

@@ -20,9 +20,15 @@ from ..errors import FormatError
 from .h5store import H5Reader
 
 
+def key_name(name: str) -> str:
+    """An image name as it appears in hloc's pair keys: '/' becomes '-' (so ``a/b.jpg`` and
+    ``a-b.jpg`` share keys; ``images.check_image_names`` refuses such names up front)."""
+    return name.replace("/", "-")
+
+
 def pair_key(name0: str, name1: str, separator: str = "/") -> str:
     """hloc's key of the pair (name0, name1)."""
-    return name0.replace("/", "-") + separator + name1.replace("/", "-")
+    return key_name(name0) + separator + key_name(name1)
 
 
 def is_complete_matches(group: h5py.Group) -> bool:

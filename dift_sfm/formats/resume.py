@@ -1,14 +1,20 @@
-"""The one rule that decides whether an existing output may be extended (resumed).
+"""The one rule that decides whether an existing output may be extended (resumed), and with
+it the one notion of "the same settings".
 
 Every step that resumes an output (``extract``, ``match``, ``hpatches``, ``pose-bench``,
 ``reconstruct``, ``colmap-import``) stores the settings that shaped its results beside them and
 asks :func:`may_resume` before reusing anything. Settings that only change speed or placement
 (``RUNTIME_KEYS``) never block a resume; any other difference is refused with a message that
-names the file, the differing keys, and how to proceed.
+names the file, the differing keys, and how to proceed. The benchmarks' cache names
+(:func:`settings_tag`, used by ``eval.cache.conf_tag``) hash the same significant settings.
+
+Which sections a conf has (``CONF_SECTIONS``: the sections ``confs`` resolves and a features
+file stores) and which of them shape a features file (``FEATURE_SECTIONS``) are listed here.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from collections.abc import Mapping
@@ -39,6 +45,13 @@ RUNTIME_KEYS = frozenset(
 )
 
 
+#: The sections of a complete conf, in order (``confs.resolve_conf`` fills each from its
+#: component's defaults; ``extract`` stores all of them in a features file's ``conf_json``).
+CONF_SECTIONS = ("preprocessing", "keypoints", "featurizer", "matcher", "pca")
+#: The sections that decide a features file's content (all but the matcher's).
+FEATURE_SECTIONS = tuple(s for s in CONF_SECTIONS if s != "matcher")
+
+
 class StaleOutputError(FormatError):
     """An existing output was computed from other inputs or settings than this run's."""
 
@@ -52,6 +65,13 @@ def significant(settings: Mapping[str, Any]) -> dict[str, Any]:
         return node
 
     return json.loads(json.dumps(strip(settings)))
+
+
+def settings_tag(settings: Mapping[str, Any]) -> str:
+    """8 hex digits that change exactly when the significant ``settings`` (runtime keys aside,
+    as for :func:`may_resume`) change."""
+    blob = json.dumps(significant(settings), sort_keys=True)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
 
 def settings_diff(old: Mapping[str, Any], new: Mapping[str, Any], prefix: str = "") -> list[str]:
