@@ -49,6 +49,7 @@ from dift_sfm.formats.features import (  # noqa: E402
 )
 from dift_sfm.formats.h5store import ShardedH5Writer  # noqa: E402
 from dift_sfm.match import LocalBackend, match_features  # noqa: E402
+from dift_sfm.matchers.mnn import cache_budget  # noqa: E402
 from dift_sfm.pairs import exhaustive_pairs, write_pairs  # noqa: E402
 
 STAGES: dict[str, float] = defaultdict(float)
@@ -73,7 +74,10 @@ def timed(stage: str, fn):
 
 
 class StandInMatcher:
-    """Returns precomputed matches at once: ``LocalBackend`` glue without any kernel."""
+    """Returns precomputed matches at once: ``LocalBackend`` glue without any kernel.
+
+    A ``dift_sfm.matchers.Matcher``; its device is the CPU (matching runs in the caller's
+    thread), its cache budget the CPU default."""
 
     def __init__(self, n: int, pair_batch: int, seed: int = 0, launches: int = 0,
                  device_ms: float = 0.0):
@@ -82,12 +86,19 @@ class StandInMatcher:
         self.launches, self.device_ms = launches, device_ms
         self._tiny = torch.zeros(4)
         self.pair_batch = pair_batch
+        self.device = torch.device("cpu")
         self.results = []
         for _ in range(16):  # ~35% of keypoints matched, as real MNN gives
             m0 = np.where(rng.random(n) < 0.35, rng.integers(0, n, n), -1).astype(np.int64)
             s0 = np.where(m0 >= 0, rng.random(n, dtype=np.float32), 0).astype(np.float32)
             self.results.append((m0, s0))
         self.calls = 0
+
+    def __call__(self, desc0: np.ndarray, desc1: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.match_prepared([self.prepare(desc0)], [self.prepare(desc1)])[0]
+
+    def cache_bytes(self) -> int:
+        return cache_budget("auto", "cpu")
 
     def prepare(self, desc: np.ndarray) -> torch.Tensor:
         """The host part of moving descriptors to a device: a tensor over the array."""
