@@ -291,6 +291,7 @@ def _match(conf: dict, pairs_path: Path, features: FeaturesReader, match_path: P
         logger.info("Matching %d pairs (%d already done) into %s.", len(todo),
                     len(pairs) - len(todo), match_path)
         backend = backend or LocalBackend(mconf)
+        # the driver's write loop: whatever backend computed them, pairs are written here only
         for (name0, name1), m0, s0 in progress(backend(todo, features), total=len(todo),
                                                desc="match", unit="pair"):
             writer.write(pair_key(name0, name1), match_datasets(m0, s0),
