@@ -69,17 +69,16 @@ class LocalBackend:
     matcher thread moves them to the matcher's device on first use (normalised:
     ``Matcher.prepare``, once per cached image) and matches ``matcher.pair_batch`` consecutive
     pairs per batched product (``planning.pair_batches``, ``Matcher.match_prepared``); the
-    caller writes the results meanwhile. On a CPU the
-    matching runs in the caller's thread instead: torch's CPU ops run ~2x slower in a second
-    thread once the first has used them (two OpenMP teams on the same cores, measured in
-    docs/benchmarks.md), and writing a pair costs well under 1% of matching it there.
+    caller writes the results meanwhile. On a CPU the matching runs in the caller's thread
+    instead: torch's CPU ops run ~2x slower in a second thread once the first has used them
+    (two OpenMP teams on the same cores, measured in docs/benchmarks.md), and writing a pair
+    costs well under 1% of matching it there.
 
     The budget is ``cache_bytes``, else the matcher's ``cache_mb`` (``Matcher.cache_bytes``),
     and never less than one batch of pairs needs. When the descriptors of every image of the
     run fit, each image is read once and the pairs keep their order; otherwise they are
     processed in ``planning.locality_order`` (capacity estimated from the first image read), so
-    that the reads
-    grow with N^2 / capacity instead of the number of pairs.
+    that the reads grow with N^2 / capacity instead of the number of pairs.
 
     ``__call__(pairs, features)`` yields ``(pair, matches0 (N0,), scores0 (N0,))`` in that
     processing order. ``stats`` then holds ``reads`` (descriptor reads), ``budget_bytes``,
