@@ -4,7 +4,7 @@ import torch
 
 from dift_sfm.descriptor_sampling import sample_descriptors
 from dift_sfm.featurizers.base import DenseFeatures
-from dift_sfm.matchers import get_matcher, matcher_defaults, mutual_nearest_neighbours
+from dift_sfm.matchers import Matcher, get_matcher, matcher_defaults, mutual_nearest_neighbours
 
 
 def kornia_mnn(d0: np.ndarray, d1: np.ndarray) -> np.ndarray:
@@ -92,3 +92,18 @@ def test_matcher_from_conf_uses_its_defaults_and_settings():
     m_conf, _ = get_matcher({"name": "mnn", "metric": "l2", "min_score": 0.02})(d0, d1)
     m_func, _ = mutual_nearest_neighbours(d0, d1, metric="l2", min_score=0.02)
     assert np.array_equal(m_conf, m_func) and (m_conf == -1).any()
+
+
+def test_matchers_offer_the_protocol_the_backends_call():
+    """Both backends call these without probing: ``matchers.Matcher``."""
+    matcher = get_matcher({"name": "mnn", "device": "cpu", "pair_batch": 3, "cache_mb": 2})
+    assert isinstance(matcher, Matcher)
+    assert matcher.pair_batch == 3 and matcher.device.type == "cpu"
+    assert matcher.cache_bytes() == 2 * 2**20
+    rng = np.random.default_rng(4)
+    d = [rng.standard_normal((n, 8)).astype(np.float32) for n in (30, 40, 50)]
+    batched = matcher.match_prepared([matcher.prepare(d[0]), matcher.prepare(d[1])],
+                                     [matcher.prepare(d[1]), matcher.prepare(d[2])])
+    for (m, s), (a, b) in zip(batched, [(0, 1), (1, 2)], strict=True):
+        m1, s1 = matcher(d[a], d[b])
+        assert np.array_equal(m, m1) and np.array_equal(s, s1)
