@@ -117,6 +117,22 @@ def test_reconstruct_report_renders(run, tmp_path):
     image = cv2.imread(str(shot))
     assert image is not None and image.shape[1] == 1400
     assert image.std() > 20, "the screenshot is not blank"
+    # the colour buttons restyle the points: press "error" from a script
+    press = tmp_path / "press.html"
+    press.write_text(html.replace("</body>", _PRESS_ERROR + "</body>"))
+    attrs, console = open_in_browser(press)
+    assert_clean(attrs, console)
+    rec = pycolmap.Reconstruction()
+    rec.read(out / "sparse" / "0")
+    assert int(attrs["restyled"]) == rec.num_points3D()
+    assert attrs["colorbar"] == "reproj. error [px]"
+
+
+_PRESS_ERROR = """<script>setTimeout(function(){var gd=document.getElementById('fig0');
+var b=gd.layout.updatemenus[0].buttons.filter(function(b){return b.label==='error';})[0];
+Plotly.restyle(gd,b.args[0],b.args[1]).then(function(){
+document.body.dataset.restyled=gd.data[0].marker.color.length;
+document.body.dataset.colorbar=gd.data[0].marker.colorbar.title.text;});},500);</script>"""
 
 
 @pytest.mark.slow

@@ -73,7 +73,8 @@ def graph_figure(data: SceneData, max_edges: int = 20_000):
             + ("" if n in registered else f"<br>not registered: {data.reasons.get(n, '?')}")
             for n in names]
     size = [5 + min(10, 2 * np.sqrt(degree.get(n, 0))) for n in names]
-    fig.add_trace(go.Scattergl(
+    scatter = go.Scatter if len(names) <= 5000 else go.Scattergl  # SVG while it stays fast
+    fig.add_trace(scatter(
         x=xy[:, 0], y=xy[:, 1], mode="markers", meta="graph_nodes", customdata=names, text=text,
         hovertemplate="%{text}<extra></extra>", name="images (red: not registered)",
         marker=dict(size=size, color=colours, line=dict(width=0.5, color="#333"))))

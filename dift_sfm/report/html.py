@@ -7,12 +7,15 @@ cameras, pairs, errors), so a headless browser (and the tests) can check the ren
 
 from __future__ import annotations
 
+import base64
 import html
 import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 __all__ = ["Page", "esc", "script_json", "table"]
 
@@ -27,7 +30,8 @@ th{background:#eef0f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .fig{width:100%;height:640px;background:#fff;border:1px solid #e3e5ea}
 .fig.small{height:420px}.pairs{display:flex;flex-wrap:wrap;gap:14px}
 .pair{background:#fff;border:1px solid #dde;padding:6px;margin:0}
-.pair figcaption{font-size:.85em;max-width:660px}.pair .view{position:relative;display:inline-block}
+.pair figcaption{font-size:.85em;width:0;min-width:100%}
+.pair .view{position:relative;display:inline-block}
 .pair img{display:inline-block;vertical-align:top}.pair svg{position:absolute;left:0;top:0}
 .tag{display:inline-block;font-size:.75em;padding:0 5px;border-radius:3px;background:#e6e9f2;
  margin-right:4px}
@@ -75,6 +79,28 @@ def script_json(obj: Any) -> str:
     return _safe(json.dumps(obj, separators=(",", ":"), allow_nan=False))
 
 
+_DTYPES = {"float32": "f4", "float64": "f8", "int32": "i4", "int16": "i2", "int8": "i1",
+           "uint32": "u4", "uint16": "u2", "uint8": "u1"}
+
+
+def typed_array(value: Any) -> dict:
+    """A numpy array as plotly.js's typed-array spec ({dtype, bdata: base64}, C order, with
+    ``shape`` when 2-D): ~4/3 of the raw bytes instead of decimal text. ``json.dumps`` hook."""
+    if not isinstance(value, np.ndarray):
+        if isinstance(value, np.generic):
+            return value.item()
+        raise TypeError(f"{type(value).__name__} is not JSON serialisable")
+    arr = np.ascontiguousarray(value)
+    if arr.dtype == np.int64:
+        arr = arr.astype(np.int32)
+    if arr.dtype.name not in _DTYPES:
+        raise TypeError(f"arrays of {arr.dtype} cannot be sent to plotly.js")
+    spec = {"dtype": _DTYPES[arr.dtype.name], "bdata": base64.b64encode(arr.tobytes()).decode()}
+    if arr.ndim > 1:
+        spec["shape"] = ",".join(str(n) for n in arr.shape)
+    return spec
+
+
 def _safe(js: str) -> str:
     return js.replace("</", "<\\/")
 
@@ -96,7 +122,8 @@ def table(header: Sequence[str], rows: Iterable[Sequence[Any]],
 class Page:
     """Sections of HTML plus plotly figures, written as one offline file.
 
-    ``add_figure(fig, css)`` places a plotly figure (a ``go.Figure`` or its dict); with
+    ``add_figure(fig, css)`` places a plotly figure (a ``go.Figure``, or a plain figure dict
+    whose numpy arrays are sent as typed arrays, without plotly's validation cost); with
     ``count=KEY``, the page sums the ``customdata`` lengths of the traces whose ``meta`` is KEY
     into ``<body data-KEY>`` once drawn (e.g. the cameras of the 3D view).
     """
@@ -115,7 +142,8 @@ class Page:
     def add_figure(self, fig: Any, css: str = "fig", count: str | None = None) -> str:
         """HTML of a placeholder div for ``fig``, drawn once the page has loaded."""
         fig_id = f"fig{len(self.figures)}"
-        as_json = fig.to_json() if hasattr(fig, "to_json") else json.dumps(fig)
+        as_json = (fig.to_json() if hasattr(fig, "to_json")
+                   else json.dumps(fig, default=typed_array, separators=(",", ":")))
         self.figures.append({"id": fig_id, "json": as_json, "count": count})
         return f'<div id="{fig_id}" class="{esc(css)}"></div>'
 

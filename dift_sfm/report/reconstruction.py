@@ -100,7 +100,7 @@ def write_sfm_report(model: Path | str, output: Path | str | None = None,
     page.section("unregistered", f"Not registered ({len(unreg)})", unreg_html)
     page.section("scene", "3D view",
                  "<p class=muted>Drag to orbit, scroll to zoom; the buttons colour the points "
-                 "by track length, reprojection error or colour. Red: camera frusta.</p>"
+                 "by track length, reprojection error or RGB colour. Red: camera frusta.</p>"
                  + page.add_figure(scene_figure(data), count="cameras"))
     page.section("graph", "Match graph",
                  "<p class=muted>Images as nodes (green: registered, placed where their "

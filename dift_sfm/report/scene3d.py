@@ -29,73 +29,82 @@ def frustum_lines(views: list[View], scale: float) -> np.ndarray:
 
 
 def _scene_scale(data: SceneData) -> float:
-    """A frustum size: a fraction of the robust extent of cameras and points."""
-    pts = [v.centre for v in data.views]
-    if len(data.xyz):
-        pts = [*pts, *data.xyz[:: max(1, len(data.xyz) // 5000)]]
+    """A frustum size: the median distance of a camera to its nearest neighbour, at most 5%
+    of the robust extent of cameras and points."""
+    centres = np.asarray([v.centre for v in data.views], float).reshape(-1, 3)
+    pts = np.r_[centres, data.xyz[:: max(1, len(data.xyz) // 5000)].astype(float)]
     if len(pts) < 2:
         return 1.0
-    arr = np.asarray(pts, float)
-    lo, hi = np.percentile(arr, 5, axis=0), np.percentile(arr, 95, axis=0)
+    lo, hi = np.percentile(pts, 5, axis=0), np.percentile(pts, 95, axis=0)
     extent = float(np.linalg.norm(hi - lo))
-    spacing = extent / max(len(data.views), 1) ** (1 / 2)
-    return max(min(0.05 * extent, 2 * spacing), 1e-6)
+    if len(centres) >= 2:
+        sample = centres[np.linspace(0, len(centres) - 1, min(len(centres), 2000)).astype(int)]
+        d = np.linalg.norm(sample[:, None] - centres[None], axis=2)
+        d[d == 0] = np.inf
+        spacing = float(np.median(d.min(1)))
+        if np.isfinite(spacing):
+            return max(min(0.05 * extent, spacing), 1e-6)
+    return max(0.05 * extent, 1e-6)
 
 
-def scene_figure(data: SceneData, point_size: float = 1.5):
-    """A plotly figure: points (trace meta ``points``), frusta, camera centres (meta
-    ``cameras``: one customdata entry, the image name, per registered camera)."""
-    import plotly.graph_objects as go
-
-    fig = go.Figure()
-    track = data.track_length.astype(np.float32)
+def scene_figure(data: SceneData, point_size: float = 1.5) -> dict:
+    """A plotly figure dict (numpy arrays are sent as typed arrays): points (trace meta
+    ``points``), frusta, camera centres (meta ``cameras``: one customdata entry, the image
+    name, per registered camera). Built as plain dicts: plotly's validation of 200k-point
+    menus costs seconds."""
+    traces: list[dict] = []
+    buttons: list[dict] = []
     if len(data.xyz):
+        track = data.track_length.astype(np.float32)
         # colour scales clipped at robust maxima so a few long tracks do not wash out the rest
         tmax = float(max(np.percentile(track, 98), 3))
         emax = float(max(np.percentile(data.error, 98), 1e-3))
-        fig.add_trace(go.Scatter3d(
-            x=data.xyz[:, 0], y=data.xyz[:, 1], z=data.xyz[:, 2], mode="markers", meta="points",
+        styles = {
+            "track": dict(
+                marker=dict(size=point_size, color=track.astype(int).tolist(),
+                            colorscale="Viridis", reversescale=False, cmin=2, cmax=tmax,
+                            showscale=True,
+                            colorbar=dict(title=dict(text="track length"), thickness=12)),
+                hovertemplate="track %{marker.color:.0f}<extra></extra>"),
+            "error": dict(
+                marker=dict(size=point_size, showscale=True,
+                            color=np.round(data.error.astype(float), 2).tolist(),
+                            colorscale="YlOrRd", reversescale=True, cmin=0, cmax=emax,
+                            colorbar=dict(title=dict(text="reproj. error [px]"), thickness=12)),
+                hovertemplate="error %{marker.color:.2f} px<extra></extra>"),
+            "RGB": dict(
+                marker=dict(size=point_size, showscale=False,
+                            color=[f"#{r:02x}{g:02x}{b:02x}" for r, g, b in data.rgb.tolist()]),
+                hovertemplate="<extra></extra>"),
+        }
+        first = styles["track"]
+        traces.append(dict(
+            type="scatter3d", mode="markers", meta="points",
             name=f"points ({len(data.xyz)} of {data.num_points})",
-            marker=dict(size=point_size, color=track, colorscale="Viridis", cmin=2, cmax=tmax,
-                        colorbar=dict(title=dict(text="track length"), thickness=12)),
-            hovertemplate="track %{marker.color:.0f}<extra></extra>"))
-        error_menu = dict(
-            marker=dict(size=point_size, color=np.round(data.error, 2).tolist(),
-                        colorscale="Inferno", cmin=0, cmax=emax,
-                        colorbar=dict(title=dict(text="reproj. error [px]"), thickness=12)),
-            hovertemplate="error %{marker.color:.2f} px<extra></extra>")
-        track_menu = dict(
-            marker=dict(size=point_size, color=track.astype(int).tolist(), colorscale="Viridis",
-                        cmin=2, cmax=tmax,
-                        colorbar=dict(title=dict(text="track length"), thickness=12)),
-            hovertemplate="track %{marker.color:.0f}<extra></extra>")
-        hexes = [f"#{r:02x}{g:02x}{b:02x}" for r, g, b in data.rgb.tolist()]
-        rgb_menu = dict(marker=dict(size=point_size, showscale=False, color=hexes),
-                        hovertemplate="<extra></extra>")
+            x=data.xyz[:, 0].copy(), y=data.xyz[:, 1].copy(), z=data.xyz[:, 2].copy(),
+            marker={**first["marker"], "color": track},
+            hovertemplate=first["hovertemplate"]))
         buttons = [dict(label=label, method="restyle", args=[_flat(style), [0]])
-                   for label, style in (("track length", track_menu),
-                                        ("reprojection error", error_menu), ("colour", rgb_menu))]
-    else:
-        buttons = []
+                   for label, style in styles.items()]
     if data.views:
         lines = frustum_lines(data.views, _scene_scale(data))
-        fig.add_trace(go.Scatter3d(x=lines[:, 0], y=lines[:, 1], z=lines[:, 2], mode="lines",
-                                   name="frusta", line=dict(color="#d62728", width=2),
-                                   hoverinfo="skip"))
+        traces.append(dict(type="scatter3d", mode="lines", name="frusta", hoverinfo="skip",
+                           x=lines[:, 0].copy(), y=lines[:, 1].copy(), z=lines[:, 2].copy(),
+                           line=dict(color="#d62728", width=2)))
         centres = np.asarray([v.centre for v in data.views], np.float32)
-        fig.add_trace(go.Scatter3d(
-            x=centres[:, 0], y=centres[:, 1], z=centres[:, 2], mode="markers", meta="cameras",
-            name=f"cameras ({len(data.views)})", marker=dict(size=3, color="#d62728"),
-            customdata=[v.name for v in data.views],
+        traces.append(dict(
+            type="scatter3d", mode="markers", meta="cameras", name=f"cameras ({len(data.views)})",
+            x=centres[:, 0].copy(), y=centres[:, 1].copy(), z=centres[:, 2].copy(),
+            marker=dict(size=3, color="#d62728"), customdata=[v.name for v in data.views],
             text=[f"{v.name}<br>{v.num_points3D} points" for v in data.views],
             hovertemplate="%{text}<extra></extra>"))
-    fig.update_layout(
+    axis = dict(visible=False)
+    layout = dict(
         margin=dict(l=0, r=0, t=30, b=0), legend=dict(x=0, y=1),
-        scene=dict(aspectmode="data", xaxis=dict(visible=False), yaxis=dict(visible=False),
-                   zaxis=dict(visible=False), dragmode="orbit"),
+        scene=dict(aspectmode="data", xaxis=axis, yaxis=axis, zaxis=axis, dragmode="orbit"),
         updatemenus=[dict(type="buttons", direction="right", x=1, xanchor="right", y=1.04,
                           buttons=buttons, showactive=True)] if buttons else [])
-    return fig
+    return {"data": traces, "layout": layout}
 
 
 def _flat(style: dict) -> dict:
