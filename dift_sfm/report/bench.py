@@ -58,6 +58,7 @@ def _curves(title: str, xs: list[float], series: dict[str, list[float] | None], 
             fig.add_trace(go.Scatter(x=list(xs), y=[100 * y for y in ys], mode="lines+markers",
                                      name=name, line=dict(color=_COLOURS.get(name))))
     fig.update_layout(title=dict(text=title, x=0.01), margin=dict(l=50, r=10, t=40, b=40),
+                      legend=dict(orientation="h", x=0, y=0.02, bgcolor="rgba(255,255,255,0.7)"),
                       xaxis=dict(title=dict(text=xlabel)),
                       yaxis=dict(title=dict(text=ylabel), range=[0, 100]))
     return fig
@@ -95,7 +96,8 @@ def hpatches_page(results: dict, output: Path) -> Page:
                                             s["gluefactory"]["thresholds_px"],
                                             s["gluefactory"]["auc"], "corner error [px]",
                                             "AUC %"), "fig small"))
-    page.section("summary", "Summary", table(["", *cats], rows) + "".join(figs))
+    page.section("summary", "Summary",
+                 table(["", *cats], rows) + f"<div class=figs>{''.join(figs)}</div>")
 
     header = ["sequence", "k", "category", "matches", "dift inliers", "dift corner error [px]",
               "gluefactory corner error [px]", "MMA % @3 px", "plot"]

@@ -28,7 +28,8 @@ nav a{margin-right:14px}.muted{color:#667}table{border-collapse:collapse;font-si
 td,th{border:1px solid #d6d9e0;padding:3px 8px;text-align:left;vertical-align:top}
 th{background:#eef0f5}td.num{text-align:right;font-variant-numeric:tabular-nums}
 .fig{width:100%;height:640px;background:#fff;border:1px solid #e3e5ea}
-.fig.small{height:420px}.pairs{display:flex;flex-wrap:wrap;gap:14px}
+.fig.small{height:420px}
+.figs{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:10px;margin-top:10px}.pairs{display:flex;flex-wrap:wrap;gap:14px}
 .pair{background:#fff;border:1px solid #dde;padding:6px;margin:0}
 .pair figcaption{font-size:.85em;width:0;min-width:100%}
 .pair .view{position:relative;display:inline-block}
