@@ -49,14 +49,16 @@ def _sortable(html: str) -> str:
 
 
 def _curves(title: str, xs: list[float], series: dict[str, list[float] | None], xlabel: str,
-            ylabel: str):
+            ylabel: str, step: bool = False):
     import plotly.graph_objects as go
 
     fig = go.Figure()
     for name, ys in series.items():
         if ys:
-            fig.add_trace(go.Scatter(x=list(xs), y=[100 * y for y in ys], mode="lines+markers",
-                                     name=name, line=dict(color=_COLOURS.get(name))))
+            fig.add_trace(go.Scatter(x=list(xs), y=[100 * y for y in ys],
+                                     mode="lines" if step else "lines+markers", name=name,
+                                     line=dict(color=_COLOURS.get(name),
+                                               shape="hv" if step else "linear")))
     fig.update_layout(title=dict(text=title, x=0.01), margin=dict(l=50, r=10, t=40, b=40),
                       legend=dict(orientation="h", x=0, y=0.02, bgcolor="rgba(255,255,255,0.7)"),
                       xaxis=dict(title=dict(text=xlabel)),
@@ -133,10 +135,13 @@ def pose_page(results: dict, output: Path) -> Page:
             ("failures", s.get("failures", "-"))]
     errors = np.sort([max(r["error_R"], r["error_t"]) if r["success"] else np.inf
                       for r in results["pairs"]])
-    xs = np.linspace(0, max(thresholds), 61)
-    recall = [float(np.mean(errors <= x)) if len(errors) else 0.0 for x in xs]
-    fig = _curves("pairs under a pose error", xs.round(2).tolist(), {"all": recall},
-                  "pose error, max(R, t) [deg]", "pairs %")
+    top = float(max(thresholds))
+    shown = errors[errors <= top]  # the recall curve whose area up to t is the AUC @t
+    xs = [0.0, *shown.round(3).tolist(), top]
+    recall = [0.0, *(np.arange(1, len(shown) + 1) / max(len(errors), 1)).tolist(),
+              len(shown) / max(len(errors), 1)]
+    fig = _curves("pairs under a pose error", xs, {"all": recall},
+                  "pose error, max(R, t) [deg]", "pairs %", step=True)
     page.section("summary", "Summary", table(["", ""], rows, numeric=[False, True])
                  + page.add_figure(fig, "fig small"))
     header = ["image 0", "image 1", "matches", "inliers", "precision %", "R error [deg]",
