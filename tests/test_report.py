@@ -179,6 +179,7 @@ def test_report_failure_is_a_warning_and_the_model_is_kept(run, tmp_path, caplog
     assert (out / "report.html").is_dir()
 
 
+@pytest.mark.slow
 def test_decimation_and_frusta(run):
     out = run["out"]
     data = load_scene(out, max_points=500)
