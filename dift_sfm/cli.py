@@ -357,9 +357,38 @@ def _run_colmap_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- report
+def _add_report(sub: argparse._SubParsersAction) -> None:
+    p = _command(sub, "report", "write a self-contained report.html of a COLMAP model (3D "
+                                "view, match graph, pairs, unregistered images and why)")
+    p.add_argument("model", type=Path, metavar="MODEL_DIR",
+                   help="a `dift-sfm reconstruct` output folder, or a COLMAP model folder")
+    p.add_argument("--output", "-o", type=Path,
+                   help="HTML file to write (default: report.html in the run's folder)")
+    p.add_argument("--images", type=Path,
+                   help="image folder, for the pair thumbnails (default: the run's, if recorded)")
+    p.add_argument("--database", type=Path,
+                   help="COLMAP database.db (default: the one beside the model, if any)")
+    p.add_argument("--features", type=Path, help="features.h5 (instead of a database)")
+    p.add_argument("--matches", type=Path, help="matches.h5 (with --features)")
+    p.add_argument("--pairs", type=Path, help="pairs file (default: the run's pairs-*.txt)")
+    p.add_argument("--max-points", type=int, default=200_000,
+                   help="3D points drawn at most (a seeded subset), default: %(default)s")
+    p.set_defaults(func=_run_report)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from .report import write_sfm_report
+
+    path = write_sfm_report(args.model, args.output, image_dir=args.images,
+                            database=args.database, features=args.features,
+                            matches=args.matches, pairs=args.pairs, max_points=args.max_points)
+    print(path)
+    return 0
+
 
 _ADDERS = [_add_confs, _add_extract, _add_pairs, _add_match, _add_hpatches, _add_pose_bench,
-           _add_reconstruct, _add_colmap_import]
+           _add_reconstruct, _add_colmap_import, _add_report]
 
 
 def _verbosity() -> argparse.ArgumentParser:

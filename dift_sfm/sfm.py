@@ -39,6 +39,7 @@ from .formats.features import list_names
 from .images import resolve_image_list
 from .match import match_features
 from .pairs import PAIR_STRATEGIES, exhaustive_pairs, read_pairs, sequential_pairs, write_pairs
+from .report import report_after_run
 from .retrieval import retrieval_pairs
 
 if TYPE_CHECKING:
@@ -227,4 +228,5 @@ def run_pipeline(
                                  camera_model, image_list=ok, min_model_size=min_model_size,
                                  failed_images=failed)
     summary.timings = {**timings, **summary.timings}
+    report_after_run(output, image_dir, summary, features, matches, pairs_path)  # never raises
     return model, summary

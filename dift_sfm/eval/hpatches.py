@@ -45,6 +45,7 @@ from ..geometry import HOMOGRAPHY_METHODS, estimate_homography, scale_homography
 from ..match import match_features
 from ..pairs import write_pairs
 from ..progress import progress
+from ..report.bench import write_bench_report
 from . import PROTOCOLS
 from .cache import conf_tag, resize_short_side, resized_name, write_scaled_keypoints
 from .datasets import CATEGORIES, HomographyPair, common_base, find_sequences, homography_pairs
@@ -358,5 +359,6 @@ def run_hpatches(
     table = hpatches_table(results)
     (output / "results.md").write_text(table)
     hpatches_plots(results, output, base, num_viz, files)
+    write_bench_report("hpatches", results, output)  # report.html; never raises
     logger.info("Wrote %s, results.md and plots.", output / "results.json")
     return results

@@ -26,6 +26,7 @@ from ..geometry import estimate_relative_pose
 from ..match import match_features
 from ..pairs import write_pairs
 from ..progress import progress
+from ..report.bench import write_bench_report
 from .cache import conf_tag
 from .datasets import read_pose_pairs
 from .metrics import epipolar_errors, error_auc, pose_error
@@ -98,5 +99,6 @@ def run_pose_benchmark(
     (output / "results.json").write_text(json.dumps(results, indent=1))
     table = pose_table(results)
     (output / "results.md").write_text(table)
+    write_bench_report("pose", results, output)  # report.html; never raises
     logger.info("Wrote %s and results.md.", output / "results.json")
     return results
