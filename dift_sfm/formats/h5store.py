@@ -481,7 +481,8 @@ class ShardedH5Writer:
 
     def _append(self, shards: list[Path], by_shard: dict[Path, list[str]]) -> None:
         """Copy the shards' entries into the output in place, under the redo journal."""
-        session = AppendSession(self.path, LIBVER)
+        lock_fd = self._lock._fd
+        session = AppendSession(self.path, LIBVER, () if lock_fd is None else (lock_fd,))
         try:
             out = session.file
             copier = _EntryCopier(set(), in_place=True)
