@@ -294,10 +294,12 @@ class ShardedH5Writer:
             if not (self.parts / f"{stem}.h5").exists():
                 return stem
 
-    def add_piece(self, image: bytes) -> None:
+    def add_piece(self, image: bytes, keys: Iterable[str] | None = None) -> None:
         """Add a closed shard built elsewhere (``build_piece``, e.g. by a distributed worker):
         it is written to disk as it is, with no HDF5 work per entry here; ``finalize`` or
-        ``consolidate`` validates its entries and adds them to the output."""
+        ``consolidate`` adds its entries to the output. ``keys``: the complete entries it
+        holds, as ``build_piece`` wrote them (else they are found and validated when added;
+        after a crash they always are)."""
         if not image.startswith(b"\x89HDF"):
             raise FormatError("add_piece expects the bytes of an HDF5 file (build_piece).")
         try:
@@ -306,6 +308,8 @@ class ShardedH5Writer:
                 with open(tmp, "wb") as f:
                     f.write(image)
                 os.replace(tmp, tmp.with_suffix(".h5"))
+                if keys is not None:
+                    self._closed[tmp.with_suffix(".h5")] = (sorted(keys), dict(self.root_attrs))
         except OSError as err:
             raise self._write_error(err) from err
 
