@@ -146,10 +146,12 @@ os.fsync(fd)
 def _apply_detached(path: Path, keep_fds: tuple[int, ...]) -> None:
     """Step 3 of a commit, in a helper process that a kill of this one does not stop."""
     try:
-        done = subprocess.run([sys.executable, "-S", "-c", _APPLY, str(path),
-                               str(journal_path(path))], start_new_session=True,
-                              pass_fds=keep_fds, stdin=subprocess.DEVNULL,
-                              capture_output=True, timeout=600)
+        # not subprocess.run: it kills the helper when an exception (Ctrl-C, SIGTERM) arrives
+        # while it waits; the helper must finish whatever happens here
+        helper = subprocess.Popen([sys.executable, "-S", "-c", _APPLY, str(path),
+                                   str(journal_path(path))], start_new_session=True,
+                                  pass_fds=keep_fds, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     except OSError as err:  # no helper process on this system: apply it here
         logger.debug("Applying the journal in process (%s).", err)
         length, pages, _ = _read_journal(journal_path(path))
@@ -159,9 +161,10 @@ def _apply_detached(path: Path, keep_fds: tuple[int, ...]) -> None:
         finally:
             os.close(fd)
         return
-    if done.returncode:
+    _, err = helper.communicate()
+    if helper.returncode:
         raise OSError(f"Could not complete the append to {path}: "
-                      f"{done.stderr.decode(errors='replace')[-300:]}")
+                      f"{err.decode(errors='replace')[-300:]}")
 
 
 def recover(path: Path | str) -> bool:
