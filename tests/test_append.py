@@ -326,3 +326,42 @@ def test_cli_kill_keeps_entries_finished_before_a_big_image(tmp_path):
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "(3 already done)" in rerun.stderr and "Dropping unreadable" not in rerun.stderr
     assert list_names(out) == ["a0.jpg", "a1.jpg", "a2.jpg"]
+
+
+def test_cli_kill_during_an_append_into_a_large_output(tmp_path):
+    """extract into an output of 2000 entries, killed mid-run, rerun: identical to an
+    uninterrupted run, and the old entries untouched."""
+    from conftest import interrupt_cli
+
+    images = tmp_path / "images"
+    images.mkdir()
+    for i in range(8):
+        cv2.imwrite(str(images / f"n{i}.jpg"), texture(300, 400, seed=20 + i))
+    first = tmp_path / "first.txt"
+    first.write_text("n0.jpg\n")
+    out = tmp_path / "f.h5"
+    base = [sys.executable, "-m", "dift_sfm.cli", "extract", str(images), "-o", str(out),
+            "--conf", "sift"]
+    assert subprocess.run(base + ["--image-list", str(first)], env=CLI_ENV, cwd=REPO,
+                          capture_output=True, timeout=600).returncode == 0
+    with h5py.File(out, "r") as f:
+        attrs = dict(f.attrs)
+    w = ShardedH5Writer(out, is_complete_features, attrs, shard_entries=10**6)
+    for name in _names(0, 2000):  # stand-ins: a large output written with the same conf
+        w.write(name, _entry(int(name[2:8]), d=128))
+    w.finalize()
+    ref = tmp_path / "ref.h5"
+    shutil.copyfile(out, ref)
+    done = subprocess.run([*base[:-4], "-o", str(ref), "--conf", "sift"], env=CLI_ENV,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    killed = interrupt_cli(base[3:], tmp_path / "f.h5.parts", delay=0.3).wait()
+    assert killed == -signal.SIGKILL
+    with h5py.File(out, "r") as f:  # what hloc would open right after the kill
+        assert len(f) >= 2001
+    rerun = subprocess.run(base, env=CLI_ENV, cwd=REPO, capture_output=True, text=True,
+                           timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    new = [f"n{i}.jpg" for i in range(8)]
+    assert _contents(out, new + _names(0, 2000)[::400]) == \
+        _contents(ref, new + _names(0, 2000)[::400])
