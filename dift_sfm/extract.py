@@ -48,8 +48,8 @@ def _existing_dim(features: FeaturesReader | None, done: set[str]) -> int | None
     """Descriptor size of the entries already in the file (None if it has none)."""
     if features is None or "pca_components" in features.attrs:
         return None  # none yet, or PCA-reduced: new entries are reduced after extraction
-    in_file = [n for n in features.names if n in done]
-    return features.descriptors(in_file[0]).shape[1] if in_file else None
+    first = next((n for n in sorted(done) if n in features), None)  # no listing of the file
+    return features.descriptors(first).shape[1] if first is not None else None
 
 
 @dataclass
@@ -247,7 +247,9 @@ def extract_features(
         with FeaturesReader(feature_path) if keep and feature_path.exists() else nullcontext() \
                 as existing:
             done = set() if overwrite else writer.pending_keys()
-            done |= set() if overwrite or existing is None else set(existing.names)
+            # look up the images asked for, not every entry of the file (appends cost O(N))
+            done |= set() if overwrite or existing is None else {n for n in names
+                                                                 if n in existing}
             existing_dim = None if overwrite else _existing_dim(existing, done)
         todo = [n for n in names if n not in done]
         logger.info("Extracting %s features for %d images (%d already done) into %s.",

@@ -93,6 +93,7 @@ def test_writer_recovers_from_interrupted_shards(tmp_path):
     _write_features(path, [("a.jpg", 4, 8)])
     w = ShardedH5Writer(path, is_complete_features, shard_entries=1000)
     w.write("b.jpg", feature_datasets(np.zeros((3, 2)), np.ones((3, 8)), np.ones(3), (10, 10)))
+    w._stop_closer()
     w._shard.flush()
     # simulate kill -9: the shard stays as *.tmp, never renamed, never merged
     w._shard.close()

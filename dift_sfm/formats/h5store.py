@@ -1,11 +1,14 @@
 """Crash-safe writing of hloc-style h5 files.
 
 HDF5 files are not crash-safe: a process killed in the middle of a write can leave a file that
-no reader opens. So an output file is never modified in place. New entries go into small shard
-files under ``<output>.parts/`` (written as ``*.tmp``, renamed when closed); ``finalize`` merges
-the old output and the shards into a temporary file that atomically replaces the output. After a
-crash the next run salvages every complete entry of the shards (the open shard's entries up to
-its last flush, at most a second old), and readers of the output only ever see a complete file.
+no reader opens. So entries are first written to small shard files under ``<output>.parts/``
+(written as ``*.tmp``, renamed ``*.h5`` when closed: at the latest ``flush_seconds`` after their
+first entry, whether or not another entry follows). ``finalize`` then appends the shards'
+entries to the existing output in place, through the redo journal of ``journal.py`` (cost: what
+is added, never a copy of what is there), or, for a new output, renames or merges the shards
+into it. A crash at any moment leaves the old output or the new one; the next run completes or
+undoes an interrupted append from the journal and salvages every complete entry of the shards.
+Workers of a distributed run can hand over whole shards (``build_piece`` / ``add_piece``).
 
 One writer at a time: the writer holds an exclusive lock on ``<output>.lock`` (``flock``,
 released by the OS when the process dies, so a ``kill -9`` never leaves it stuck: the file
@@ -19,6 +22,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
@@ -28,6 +32,7 @@ import numpy as np
 from h5py import h5a, h5d, h5g, h5o, h5p, h5s, h5t
 
 from ..errors import DiftSfmError, FormatError
+from .journal import AppendSession, journal_path, recover
 
 try:
     import fcntl
@@ -47,6 +52,8 @@ def open_h5(path: Path | str, mode: str = "r") -> h5py.File:
     path = Path(path)
     if mode == "r" and not path.is_file():
         raise FormatError(f"h5 file {path} does not exist.")
+    if journal_path(path).exists():
+        _recover_unlocked(path)
     try:
         return h5py.File(path, mode, locking=False)
     except OSError as err:
@@ -101,6 +108,19 @@ def _copy_entry(src: h5py.File, dst: h5py.File, key: str) -> None:
 
 class OutputLockedError(DiftSfmError):
     """Another process is writing the same output."""
+
+
+def _recover_unlocked(path: Path) -> None:
+    """Complete an append a crash interrupted, unless a writer holds the output (it recovers
+    itself; until its commit the file holds its old content)."""
+    try:
+        lock = OutputLock(path)
+    except (OutputLockedError, DiftSfmError):
+        return
+    try:
+        recover(path)
+    finally:
+        lock.release()
 
 
 class OutputWriteError(DiftSfmError):
@@ -164,15 +184,16 @@ class ShardedH5Writer:
         path: the output file.
         is_complete: tells whether a group is a complete entry (all datasets, shapes agree).
         root_attrs: attributes to set on the output's root (e.g. the conf that wrote it).
-        shard_entries, shard_seconds: a shard is closed (renamed ``*.h5``, safe from then on)
-            after this many entries or seconds.
-        flush_seconds: the open shard is flushed to disk at most this often (0: after every
-            entry), and whenever it is closed.
+        shard_entries: a shard is closed (renamed ``*.h5``, safe from then on) after this many
+            entries.
+        shard_seconds: kept for compatibility (a shard never stays open longer than
+            ``flush_seconds``).
+        flush_seconds: a shard is closed at the latest this long after its first entry, by a
+            background thread when no other entry follows (0: after every entry).
 
-    What a ``kill -9`` can lose: the entries written since the open shard's last flush (at most
-    ``flush_seconds`` of work); if the kill hits while HDF5 is writing the shard's metadata,
-    the open shard cannot be read and its entries are lost (at most ``shard_entries`` entries
-    or ``shard_seconds`` of work). Closed shards and the output are never lost.
+    What a ``kill -9`` can lose: the entries of the open shard, i.e. at most ``flush_seconds``
+    of work (an entry being written when the kill comes is never half kept). Closed shards and
+    the output are never lost. ``finalize`` costs what was added (see the module docstring).
     """
 
     def __init__(self, path: Path | str, is_complete: Validator,
@@ -195,9 +216,20 @@ class ShardedH5Writer:
         #: shards closed by this writer in which every write succeeded: their keys and the
         #: root attributes they hold (no need to validate them again when merging)
         self._closed: dict[Path, tuple[list[str], dict]] = {}
+        self._fresh = False  # this run replaces the output (``discard_pending``)
+        self._next_index: int | None = None
         self._entry_writer = _EntryWriter()
+        #: one entry at a time: the thread that closes idle shards never splits an entry
+        self._mutex = threading.RLock()
+        self._closer: threading.Thread | None = None
+        self._stop = threading.Event()
         self._lock = OutputLock(self.path)
-        self._salvage()
+        try:
+            recover(self.path)  # an append a crash interrupted: finish or undo it
+            self._salvage()
+        except BaseException:
+            self._lock.release()
+            raise
 
     # ------------------------------------------------------------------ recovery
     def _salvage(self) -> None:
@@ -228,9 +260,12 @@ class ShardedH5Writer:
         return sorted(self.parts.glob("*.h5")) if self.parts.is_dir() else []
 
     def discard_pending(self) -> None:
-        """Drop every shard of an interrupted run (their entries are not wanted any more)."""
-        self._close_shard()
-        self._remove_parts()
+        """Drop every shard of an interrupted run (their entries are not wanted any more): this
+        run replaces the output (``finalize(drop_existing=True)``)."""
+        with self._mutex:
+            self._close_shard()
+            self._remove_parts()
+            self._fresh = True
 
     def sources(self) -> list[Path]:
         """Files holding complete entries now: the output (if any), then every closed shard."""
@@ -248,16 +283,39 @@ class ShardedH5Writer:
         return keys
 
     # ------------------------------------------------------------------ writing
+    def _new_stem(self) -> str:
+        """A new shard name: shards sort in the order they were started."""
+        self.parts.mkdir(parents=True, exist_ok=True)
+        if self._next_index is None:
+            self._next_index = len(list(self.parts.glob("*")))
+        while True:
+            stem = f"{self._next_index:06d}-{os.getpid()}"
+            self._next_index += 1
+            if not (self.parts / f"{stem}.h5").exists():
+                return stem
+
+    def add_piece(self, image: bytes, keys: Iterable[str] | None = None) -> None:
+        """Add a closed shard built elsewhere (``build_piece``, e.g. by a distributed worker):
+        it is written to disk as it is, with no HDF5 work per entry here; ``finalize`` or
+        ``consolidate`` adds its entries to the output. ``keys``: the complete entries it
+        holds, as ``build_piece`` wrote them (else they are found and validated when added;
+        after a crash they always are)."""
+        if not image.startswith(b"\x89HDF"):
+            raise FormatError("add_piece expects the bytes of an HDF5 file (build_piece).")
+        try:
+            with self._mutex:
+                tmp = self.parts / f"{self._new_stem()}.tmp"
+                with open(tmp, "wb") as f:
+                    f.write(image)
+                os.replace(tmp, tmp.with_suffix(".h5"))
+                if keys is not None:
+                    self._closed[tmp.with_suffix(".h5")] = (sorted(keys), dict(self.root_attrs))
+        except OSError as err:
+            raise self._write_error(err) from err
+
     def _open_shard(self) -> h5py.File:
         if self._shard is None:
-            self.parts.mkdir(parents=True, exist_ok=True)
-            index = len(list(self.parts.glob("*")))
-            while True:
-                stem = f"{index:06d}-{os.getpid()}"
-                if not (self.parts / f"{stem}.h5").exists():
-                    break
-                index += 1
-            self._shard_path = self.parts / f"{stem}.tmp"
+            self._shard_path = self.parts / f"{self._new_stem()}.tmp"
             # v1.8 format: root attributes over 64 KiB (e.g. a PCA basis) must fit
             self._shard = h5py.File(self._shard_path, "w", locking=False, libver=LIBVER)
             self._shard.attrs.update(self.root_attrs)  # what the entries were computed with
@@ -266,7 +324,36 @@ class ShardedH5Writer:
             self._shard_clean = True
             self._entry_writer.parents.clear()
             self._shard_start = self._last_flush = time.monotonic()
+            self._start_closer()
         return self._shard
+
+    def _start_closer(self) -> None:
+        if self._closer is None and self.flush_seconds > 0:
+            self._stop.clear()
+            self._closer = threading.Thread(target=self._close_idle, daemon=True,
+                                            name="dift-sfm shard closer")
+            self._closer.start()
+
+    def _stop_closer(self) -> None:
+        if self._closer is not None:
+            self._stop.set()
+            if self._closer is not threading.current_thread():
+                self._closer.join()
+            self._closer = None
+
+    def _close_idle(self) -> None:
+        """Close the open shard once its first entry is ``flush_seconds`` old: a finished entry
+        is on disk, readable, within about that time whether or not another entry follows."""
+        tick = min(0.1, self.flush_seconds / 4)
+        while not self._stop.wait(tick):
+            with self._mutex:
+                if (self._shard is not None and self._shard_count
+                        and time.monotonic() - self._shard_start >= self.flush_seconds):
+                    try:
+                        self._close_shard()
+                    except Exception as err:  # disk full: the next write says it
+                        logger.warning("Could not close shard %s (%s).", self._shard_path, err)
+                        return
 
     def _close_shard(self) -> None:
         if self._shard is None:
@@ -296,7 +383,8 @@ class ShardedH5Writer:
     def write(self, key: str, datasets: dict[str, np.ndarray], attrs: dict | None = None) -> None:
         """Write one entry: group ``key`` (may contain '/') holding ``datasets``."""
         try:
-            self._write(key, datasets, attrs)
+            with self._mutex:
+                self._write(key, datasets, attrs)
         except (OSError, RuntimeError) as err:
             self._shard_clean = False  # the entry may be half written: validate when merging
             raise self._write_error(err) from err
@@ -314,17 +402,17 @@ class ShardedH5Writer:
         self._entry_writer.write(group, datasets, attrs or {})
         self._shard_keys.add(key)
         self._shard_count += 1
-        now = time.monotonic()
-        if self._shard_count >= self.shard_entries or now - self._shard_start > self.shard_seconds:
-            self._close_shard()  # closing flushes
-        elif now - self._last_flush >= self.flush_seconds:
-            f.flush()
-            self._last_flush = now
+        if (self._shard_count >= self.shard_entries
+                or time.monotonic() - self._shard_start >= self.flush_seconds):
+            self._close_shard()
 
     def finalize(self, drop_existing: bool = False) -> None:
-        """Merge the output and all shards into a new file that atomically replaces the output.
+        """Add every shard's entries to the output and release it.
 
-        With ``drop_existing`` the old output's entries are discarded (a fresh file).
+        An existing output is extended in place (``_append``: cost of what is added); a new
+        one is the single shard renamed, or the shards merged. With ``drop_existing`` the old
+        output's entries are discarded: the shards are merged into a new file that atomically
+        replaces it.
         """
         try:
             self._finalize(drop_existing)
@@ -332,23 +420,40 @@ class ShardedH5Writer:
             self.path.with_name(self.path.name + ".merging").unlink(missing_ok=True)
             raise self._write_error(err) from err
 
+    def consolidate(self) -> None:
+        """Add the closed shards' entries to the output now, keeping the writer open (e.g. a
+        distributed run's driver between pieces). Only for a run that extends the output (not
+        after ``discard_pending``): a replaced output is written whole by ``finalize``."""
+        if self._fresh and self.path.exists():
+            return
+        try:
+            with self._mutex:
+                self._close_shard()
+                if self._shards():
+                    self._consolidate(drop_existing=False)
+        except (OSError, RuntimeError) as err:
+            raise self._write_error(err) from err
+
     def _finalize(self, drop_existing: bool) -> None:
+        self._stop_closer()
+        self._close_shard()
+        self._consolidate(drop_existing)
+        self._remove_parts()
+        self._lock.release()
+
+    def _consolidate(self, drop_existing: bool) -> None:
         self._close_shard()
         shards = self._shards()
         keep_old = self.path.exists() and not drop_existing
         if not shards and keep_old and not self._attrs_changed():
-            self._remove_parts()
-            self._lock.release()
             return
         own = {s: keys for s, (keys, attrs) in self._closed.items()
                if s in shards and not _attrs_differ(attrs, self.root_attrs)}
         if len(shards) == 1 and shards[0] in own and not keep_old:
             # the shard is exactly what a merge would write: it becomes the output
             os.replace(shards[0], self.path)
-            self._remove_parts()
-            self._lock.release()
+            self._closed.pop(shards[0], None)
             return
-        tmp = self.path.with_name(self.path.name + ".merging")
         from_shards: dict[str, Path] = {}
         for shard in shards:
             if shard in own:  # written here, every write succeeded: no need to validate
@@ -360,6 +465,46 @@ class ShardedH5Writer:
                         from_shards[key] = shard
             except OSError as err:
                 logger.warning("Ignoring unreadable shard %s (%s).", shard, err)
+        by_shard: dict[Path, list[str]] = {}
+        for key, shard in from_shards.items():
+            by_shard.setdefault(shard, []).append(key)
+        if keep_old and not self._mostly_replaced(from_shards):
+            self._append(shards, by_shard)
+        else:
+            self._rewrite(shards, by_shard, own, keep_old)
+        for shard in shards:
+            self._closed.pop(shard, None)
+
+    def _mostly_replaced(self, keys: Iterable[str]) -> bool:
+        """Whether the new entries replace over half of the output's (counted at its root):
+        then a rewrite costs at most twice the work added and reclaims the replaced space
+        (an in-place replacement leaves the old datasets' bytes unused in the file)."""
+        with open_h5(self.path) as f:
+            replaced = sum(1 for key in keys if key in f)
+            return replaced > 0 and 2 * replaced > len(f)
+
+    def _append(self, shards: list[Path], by_shard: dict[Path, list[str]]) -> None:
+        """Copy the shards' entries into the output in place, under the redo journal."""
+        lock_fd = self._lock._fd
+        session = AppendSession(self.path, LIBVER, () if lock_fd is None else (lock_fd,))
+        try:
+            out = session.file
+            copier = _EntryCopier(set(), in_place=True)
+            for shard in shards:
+                with h5py.File(shard, "r", locking=False) as f:
+                    _update_attrs(out, dict(f.attrs))
+                    copier.copy(f, out, by_shard.get(shard, []))
+            _update_attrs(out, self.root_attrs)
+            session.close(consumed=[f"{self.parts.name}/{s.name}" for s in shards])
+        except BaseException:
+            session.abort()  # back to the last commit: the old output, shards kept
+            raise
+
+    def _rewrite(self, shards: list[Path], by_shard: dict[Path, list[str]],
+                 own: dict[Path, list[str]], keep_old: bool) -> None:
+        """Merge (the old output and) the shards into a new file that replaces the output."""
+        tmp = self.path.with_name(self.path.name + ".merging")
+        from_shards = {k for keys in by_shard.values() for k in keys}
         # the merge starts from a byte copy of this run's biggest shard (when no old output
         # is kept): its entries need no copying one by one
         base = None if keep_old or not own else max(own, key=lambda s: len(own[s]))
@@ -373,9 +518,6 @@ class ShardedH5Writer:
                     out.attrs.update(dict(old.attrs))
                     copier.copy(old, out, [k for k in iter_entries(old, self.is_complete)
                                            if k not in from_shards])
-            by_shard: dict[Path, list[str]] = {}
-            for key, shard in from_shards.items():
-                by_shard.setdefault(shard, []).append(key)
             for shard in shards:
                 with h5py.File(shard, "r", locking=False) as f:
                     out.attrs.update(dict(f.attrs))
@@ -383,8 +525,8 @@ class ShardedH5Writer:
                         copier.copy(f, out, by_shard.get(shard, []))
             out.attrs.update(self.root_attrs)
         os.replace(tmp, self.path)
-        self._remove_parts()
-        self._lock.release()
+        for shard in shards:
+            shard.unlink(missing_ok=True)
 
     def _attrs_changed(self) -> bool:
         if not self.root_attrs:
@@ -401,6 +543,7 @@ class ShardedH5Writer:
     def close(self) -> None:
         """Close the open shard without merging (work stays in shards for the next run)."""
         try:
+            self._stop_closer()
             self._close_shard()
         except (OSError, RuntimeError) as err:  # disk full: the open shard is salvaged next run
             logger.warning("Could not close shard %s (%s); earlier shards are kept.",
@@ -408,6 +551,31 @@ class ShardedH5Writer:
             self._shard = None
         finally:
             self._lock.release()
+
+
+def build_piece(entries: Iterable[tuple[str, dict[str, np.ndarray], dict | None]],
+                root_attrs: dict | None = None) -> bytes:
+    """The bytes of a closed shard holding ``entries`` ((key, datasets, attrs) as for
+    ``ShardedH5Writer.write``), built in memory (HDF5's core driver, nothing on disk): what a
+    worker hands over to its driver's ``ShardedH5Writer.add_piece``."""
+    writer = _EntryWriter()
+    name = f"dift-sfm-piece-{os.getpid()}-{threading.get_ident()}-{time.monotonic_ns()}.h5"
+    with h5py.File(name, "w", driver="core", backing_store=False, libver=LIBVER) as f:
+        f.attrs.update(dict(root_attrs or {}))
+        for key, datasets, attrs in entries:
+            if key in f:
+                del f[key]
+                writer.parents.clear()
+            writer.write(writer.create_group(f, key), datasets, attrs or {})
+        f.flush()
+        return f.id.get_file_image()
+
+
+def _update_attrs(f: h5py.File, attrs: dict) -> None:
+    """Set the attributes that are new or differ (an unchanged one is not rewritten)."""
+    for key, value in attrs.items():
+        if key not in f.attrs or _differs(f.attrs[key], value):
+            f.attrs[key] = value
 
 
 def _attrs_differ(a: dict, b: dict) -> bool:
@@ -418,15 +586,16 @@ class _EntryCopier:
     """Copies entries between open files as ``_copy_entry`` does, with one HDF5 copy call per
     entry: ``present`` are the entries the destination holds already."""
 
-    def __init__(self, present: set[str]):
+    def __init__(self, present: set[str], in_place: bool = False):
         self.present = present
+        self.in_place = in_place  # the destination may hold any key already: look it up
         self.parents: set[str] = set()
         self.lcpl = h5p.create(h5p.LINK_CREATE)  # what h5py's Group.copy passes
         self.lcpl.set_create_intermediate_group(True)
 
     def copy(self, src: h5py.File, dst: h5py.File, keys: Iterable[str]) -> None:
         for key in keys:
-            if key in self.present:
+            if key in self.present or (self.in_place and key in dst):
                 del dst[key]
             parent = key.rpartition("/")[0]
             if parent and parent not in self.parents:
