@@ -43,6 +43,7 @@ from typing import Any
 import cv2
 import numpy as np
 
+from . import interrupts
 from .errors import DiftSfmError, ImageReadError
 from .images import decode_image, read_image_bytes
 
@@ -138,6 +139,7 @@ def connect(options: RayOptions):
         ray.init(**kwargs)
         logger.info("Started a local Ray cluster: %s.",
                     _describe_resources(ray.cluster_resources()))
+    interrupts.reinstall()  # ray.init replaced our SIGTERM handler (sys.exit(15))
     return ray
 
 
