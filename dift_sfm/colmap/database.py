@@ -319,12 +319,13 @@ def _import(con: sqlite3.Connection, database: Path, features: Path, matches: Pa
     old_kpts = [image_id for (image_id,) in con.execute("SELECT image_id FROM keypoints")
                 if image_id in ids]
     old_pairs = {t: _pair_ids_touching(con, t, ids) for t in ("matches", "two_view_geometries")}
-    if (old_kpts or any(old_pairs.values())) and not overwrite:
+    num_old_pairs = len(set().union(*old_pairs.values()))  # a pair in both tables: once
+    if (old_kpts or num_old_pairs) and not overwrite:
         inv = {v: k for k, v in image_ids.items()}
         which = ", ".join(sorted(inv[i] for i in old_kpts)[:5])
         raise DatabaseError(
             f"Database {database} already has keypoints for {len(old_kpts)} of these images "
-            f"({which}) and matches/geometries for {sum(map(len, old_pairs.values()))} pairs "
+            f"({which}) and matches or two-view geometries for {num_old_pairs} pairs "
             "involving them. Use --overwrite (overwrite=True) to replace them; nothing was "
             "changed.")
 
@@ -347,9 +348,10 @@ def _import(con: sqlite3.Connection, database: Path, features: Path, matches: Pa
             con.execute(f"DELETE FROM {table} WHERE image_id IN ({placeholders})", sorted(ids))
         for table, pair_ids in old_pairs.items():
             con.executemany(f"DELETE FROM {table} WHERE pair_id = ?", [(p,) for p in pair_ids])
-        if old_kpts:
-            logger.warning("Replaced the keypoints of %d images and deleted %d matched pairs "
-                           "in %s.", len(old_kpts), len(old_pairs["matches"]), database)
+        if old_kpts or num_old_pairs:
+            logger.warning("Replaced the keypoints of %d images and deleted the matches and "
+                           "two-view geometries of %d pairs in %s.", len(old_kpts),
+                           num_old_pairs, database)
 
     stats = ImportStats()
     for name in progress(names, desc="keypoints", unit="img", disable=len(names) < 50):
