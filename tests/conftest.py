@@ -28,8 +28,8 @@ def interrupt_cli(args: list[str], parts: Path, pattern: str = "*.h5", delay: fl
     in ``parts`` (an output's shard folder; 120 s at most), wait ``delay`` more, then send
     ``sig`` (kill -9 by default) and wait for the process. Returns the finished process."""
     popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
-    proc = subprocess.Popen([sys.executable, "-m", "dift_sfm.cli", *args], env=CLI_ENV,
-                            **popen)
+    proc = subprocess.Popen([sys.executable, "-m", "dift_sfm.cli", *args],
+                            **{"env": CLI_ENV, **popen})
     deadline = time.time() + 120
     while time.time() < deadline and not list(parts.glob(pattern)) and proc.poll() is None:
         time.sleep(0.05)

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -539,3 +541,42 @@ def test_an_image_list_may_be_a_pipe(images, tmp_path):
         os.close(read)
     assert result.returncode == 0, result.stderr
     assert list_names(tmp_path / "f.h5") == ["1.png", "3.png"]
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Ids of the processes whose environment holds ``text`` (Ray's workers rewrite their
+    command line, "ray::DescribeWorker", but inherit the driver's environment)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if text.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_under_ray_is_ctrl_c_and_stops_the_cluster_it_started(shared_data, tmp_path):
+    """`extract --ray` that started its own local cluster: SIGTERM ends it like Ctrl-C (no
+    "SystemExit: 15", exit 130), the cluster's processes go with it, finished shards stay."""
+    pytest.importorskip("ray")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r18-", dir="/tmp"))  # short: Ray's socket paths
+    out = tmp_path / "f.h5"
+    args = ["extract", str(shared_data / "sacre_coeur"), "-o", str(out), "--set",
+            "preprocessing.resize_max=480"]
+    try:
+        sigterm_cli([*args, "--ray", "--workers", "2"], out.with_name(out.name + ".parts"),
+                    env={**ENV, "RAY_TMPDIR": str(ray_tmp)}, timeout=300)
+        deadline = time.monotonic() + 60
+        while _processes_naming(str(ray_tmp)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _processes_naming(str(ray_tmp))  # gcs, raylet, workers: all stopped
+    finally:
+        for pid in _processes_naming(str(ray_tmp)):  # only if the assertion failed
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    done = [line for line in rerun.stderr.splitlines() if "already done" in line]
+    assert done and " (0 already done)" not in done[0], rerun.stderr
