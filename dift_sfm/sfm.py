@@ -11,13 +11,16 @@ database in a temporary file and atomically replaces ``sfm_dir/database.db`` wit
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .colmap import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL
 from .colmap.database import (
@@ -55,10 +58,42 @@ if TYPE_CHECKING:
     from .distributed import RayOptions
 
 logger = logging.getLogger("dift_sfm")
+F = TypeVar("F", bound=Callable)
 
 __all__ = ["PAIR_STRATEGIES", "make_pairs", "reconstruct", "run_pipeline"]
 
 
+_held = threading.local()  # .folders: the folders whose lock this thread holds
+
+
+def _one_run_per_folder(param: str) -> Callable[[F], F]:
+    """Decorator: the function holds the lock of ``<folder>/database.db``
+    (``colmap.database.lock_database``), the folder being its argument ``param``, while it
+    runs. Re-entrant in one thread (``run_pipeline`` calls ``reconstruct``); another process,
+    or thread, gets OutputLockedError at once."""
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            folder = Path(signature.bind(*args, **kwargs).arguments[param]).absolute()
+            held = getattr(_held, "folders", None)
+            if held is None:
+                held = _held.folders = set()
+            if folder in held:
+                return fn(*args, **kwargs)
+            lock = lock_database(folder / "database.db")  # creates the folder
+            held.add(folder)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                held.discard(folder)
+                lock.release()
+        return locked  # type: ignore[return-value]
+    return decorate
+
+
+@_one_run_per_folder("sfm_dir")
 def reconstruct(
     sfm_dir: Path | str,
     image_dir: Path | str,
@@ -82,26 +117,6 @@ def reconstruct(
     One reconstruction per ``sfm_dir`` at a time: another process working there (``reconstruct``,
     ``colmap-import`` on its database) makes this one stop at once with OutputLockedError.
     """
-    with _folder_lock(Path(sfm_dir)):
-        return _reconstruct(sfm_dir, image_dir, pairs, features, matches, camera_mode,
-                            camera_model, image_list, min_model_size, verification_options,
-                            mapper_options, failed_images)
-
-
-@contextmanager
-def _folder_lock(sfm_dir: Path) -> Iterator[None]:
-    """Hold the lock of ``sfm_dir/database.db`` (``colmap.database.lock_database``)."""
-    lock = lock_database(sfm_dir / "database.db")  # creates sfm_dir
-    try:
-        yield
-    finally:
-        lock.release()
-
-
-def _reconstruct(sfm_dir, image_dir, pairs, features, matches, camera_mode, camera_model,
-                 image_list, min_model_size, verification_options, mapper_options,
-                 failed_images) -> tuple[pycolmap.Reconstruction, ReconstructionSummary]:
-    """``reconstruct`` under the folder lock the caller holds."""
     sfm_dir, image_dir = Path(sfm_dir), Path(image_dir)
     sfm_dir.mkdir(parents=True, exist_ok=True)
     follow_log_level()
@@ -185,6 +200,7 @@ def make_pairs(strategy: str, names: list[str], output: Path, feature_path: Path
     return path
 
 
+@_one_run_per_folder("output")
 def run_pipeline(
     conf: dict,
     image_dir: Path | str,
@@ -211,7 +227,7 @@ def run_pipeline(
     model are rebuilt each run. Unreadable images are logged as errors and left out; the others
     are reconstructed and the summary lists the skipped ones. ``window`` and
     ``num_neighbors`` of ``None`` take the defaults of ``pairs.generate_pairs``. One run per
-    ``output`` folder at a time (see ``reconstruct``).
+    ``output`` folder at a time, as for ``reconstruct``.
     """
     image_dir, output = Path(image_dir), Path(output)
     check_camera_args(camera_mode, camera_model)  # fail before any work
@@ -219,16 +235,6 @@ def run_pipeline(
     names = resolve_image_list(image_dir, image_list)  # refuses colliding names
     check_pairable(names, f"image folder {image_dir}")  # before extraction, naming the file
     output.mkdir(parents=True, exist_ok=True)
-    with _folder_lock(output):
-        return _run_pipeline(conf, image_dir, output, pairs, window, num_neighbors,
-                             retrieval_method, names, camera_mode, camera_model,
-                             min_model_size, overwrite, ray)
-
-
-def _run_pipeline(conf, image_dir, output, pairs, window, num_neighbors, retrieval_method,
-                  names, camera_mode, camera_model, min_model_size, overwrite, ray
-                  ) -> tuple[pycolmap.Reconstruction, ReconstructionSummary]:
-    """``run_pipeline`` under the folder lock the caller holds."""
     features = output / f"{conf['output']}.h5"
     failed: dict[str, str] = {}
     timings: dict[str, float] = {}
@@ -258,8 +264,8 @@ def _run_pipeline(conf, image_dir, output, pairs, window, num_neighbors, retriev
     with timed(timings, "match"):
         match_features(conf, pairs_path, features, matches, overwrite=overwrite,
                        backend=match_backend)
-    model, summary = _reconstruct(output, image_dir, pairs_path, features, matches,
-                                  camera_mode, camera_model, ok, min_model_size, None, None,
-                                  failed)
+    model, summary = reconstruct(output, image_dir, pairs_path, features, matches, camera_mode,
+                                 camera_model, image_list=ok, min_model_size=min_model_size,
+                                 failed_images=failed)
     summary.timings = {**timings, **summary.timings}
     return model, summary
