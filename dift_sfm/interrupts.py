@@ -33,6 +33,8 @@ _installed = False
 _reinstall_pending = False
 _previous_unraisablehook = sys.unraisablehook
 _landed = threading.Event()  # the last interrupt was raised where it propagates
+_redeliver_lock = threading.RLock()  # re-entrant: the handler may run inside its holder
+_redeliverer: threading.Thread | None = None
 
 
 class Interrupted(KeyboardInterrupt):
@@ -53,15 +55,32 @@ def _handler(signum: int, frame: FrameType | None) -> None:
         _reinstall_pending = False
         signal.signal(signal.SIGTERM, _handler)
         return
-    if _in_unraisablehook(frame):  # raising here would be lost: _redeliver tries again
+    if _in_unraisablehook(frame):  # raising here would be lost: signal again, later
+        _redeliver_later()
         return
     _landed.set()
     raise Interrupted(signal.Signals(signum).name)
 
 
+def _redeliver_later() -> None:
+    """Have a helper thread signal the main thread until the handler raised where the
+    interrupt propagates (one helper at a time)."""
+    global _redeliverer
+    with _redeliver_lock:
+        _landed.clear()
+        if _redeliverer is None:
+            _redeliverer = threading.Thread(target=_redeliver, name="dift-sfm-redeliver",
+                                            daemon=True)
+            _redeliverer.start()
+
+
 def _redeliver() -> None:
-    """Signal the main thread again until the handler raised where it can propagate."""
-    while not _landed.is_set():
+    global _redeliverer
+    while True:
+        with _redeliver_lock:
+            if _landed.is_set():
+                _redeliverer = None
+                return
         _thread.interrupt_main(signal.SIGTERM)
         _landed.wait(0.05)
 
@@ -70,8 +89,7 @@ def _unraisablehook(unraisable: Any) -> None:
     if isinstance(unraisable.exc_value, KeyboardInterrupt) and _installed:
         # raised where Python swallows exceptions (weakref callback, __del__, gc callback):
         # deliver it again once the main thread is out of there
-        _landed.clear()
-        threading.Thread(target=_redeliver, name="dift-sfm-redeliver", daemon=True).start()
+        _redeliver_later()
         return
     _previous_unraisablehook(unraisable)
 

@@ -581,3 +581,29 @@ def test_sigterm_under_ray_is_ctrl_c_and_stops_the_cluster_it_started(shared_dat
     assert rerun.returncode == 0, rerun.stderr
     done = [line for line in rerun.stderr.splitlines() if "already done" in line]
     assert done and " (0 already done)" not in done[0], rerun.stderr
+
+
+def test_sigterm_while_another_swallowed_exception_is_printed_is_not_lost():
+    """The handler fires inside the unraisable hook itself (printing another swallowed
+    exception), where raising would be lost too: it is delivered once the hook returned."""
+    script = ("import signal, sys, time, weakref\n"
+              "from dift_sfm import interrupts\n"
+              "interrupts.install()\n"
+              "printer = interrupts._previous_unraisablehook\n"
+              "def printing(unraisable):\n"
+              "    signal.raise_signal(signal.SIGTERM)\n"
+              "    printer(unraisable)\n"
+              "interrupts._previous_unraisablehook = printing\n"
+              "class Box: pass\n"
+              "box = Box()\n"
+              "def fail(_): raise ValueError('another swallowed error')\n"
+              "ref = weakref.ref(box, fail)\n"
+              "try:\n"
+              "    del box\n"
+              "    for _ in range(6000): time.sleep(0.01)\n"
+              "except KeyboardInterrupt:\n"
+              "    sys.exit(130)\n")
+    result = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "another swallowed error" in result.stderr  # the other one is still printed
