@@ -4,20 +4,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-from . import logger
-from .colmap import CAMERA_MODES
+from . import interrupts, logger
+from .colmap import CAMERA_MODES, DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL
 from .confs import confs, describe_conf, get_conf, parse_value
 from .errors import DiftSfmError
 from .eval import PROTOCOLS
 from .eval.datasets import SUBSETS
 from .geometry import HOMOGRAPHY_METHODS
-from .pairs import PAIR_STRATEGIES
+from .pairs import PAIR_STRATEGIES, SEQUENTIAL_WINDOW
 from .retrieval import METHODS as RETRIEVAL_METHODS
+from .retrieval import NUM_NEIGHBORS
 
 
 def add_conf_args(parser: argparse.ArgumentParser, default: str | None = "sift",
@@ -45,7 +45,7 @@ def overrides_from_args(args: argparse.Namespace, device_key: str = "featurizer.
         overrides[key.strip()] = parse_value(value.strip())
     if getattr(args, "model", None):
         overrides["featurizer.model"] = args.model
-    if getattr(args, "max_keypoints", None):
+    if getattr(args, "max_keypoints", None) is not None:  # 0 and -1 are checked, not dropped
         overrides["keypoints.max_keypoints"] = args.max_keypoints
     if getattr(args, "device", None):
         overrides[device_key] = args.device
@@ -54,7 +54,14 @@ def overrides_from_args(args: argparse.Namespace, device_key: str = "featurizer.
 
 def conf_from_args(args: argparse.Namespace, name: str | None = None) -> dict[str, Any]:
     """Resolve ``--conf`` plus ``--set``/shorthand overrides into a complete conf."""
-    return get_conf(name or args.conf, overrides_from_args(args))
+    name, overrides = name or args.conf, overrides_from_args(args)
+    if getattr(args, "device", None):  # a featurizer without a device option: say so
+        featurizer = get_conf(name, {k: v for k, v in overrides.items()
+                                     if k != "featurizer.device"})["featurizer"]
+        if "device" not in featurizer:
+            raise DiftSfmError(f"--device: featurizer '{featurizer['name']}' has no device "
+                               "option (it runs on the CPU); leave --device out.")
+    return get_conf(name, overrides)
 
 
 def add_ray_args(parser: argparse.ArgumentParser) -> None:
@@ -146,12 +153,14 @@ def _add_pairs(sub: argparse._SubParsersAction) -> None:
                    help="pairs file to write: 'name0 name1' per line (hloc format)")
     p.add_argument("--image-list", type=Path,
                    help="text file of image names (relative to IMAGE_DIR), one per line")
-    p.add_argument("--window", type=int, default=5, help="sequential: neighbours after each image")
+    p.add_argument("--window", type=int,
+                   help=f"sequential: neighbours after each image (default: {SEQUENTIAL_WINDOW})")
     p.add_argument("--wrap", action="store_true", help="sequential: the sequence is a loop")
     p.add_argument("--features", type=Path,
                    help="retrieval: features.h5 whose descriptors give the global descriptor "
                         "(without it: the 'tiny' thumbnail + colour histogram descriptor)")
-    p.add_argument("--num-neighbors", type=int, default=10, help="retrieval: top-k per image")
+    p.add_argument("--num-neighbors", type=int,
+                   help=f"retrieval: top-k per image (default: {NUM_NEIGHBORS})")
     p.add_argument("--retrieval-method", choices=list(RETRIEVAL_METHODS),
                    help="retrieval global descriptor (default: vlad with --features, else tiny)")
     p.set_defaults(func=_run_pairs)
@@ -159,18 +168,13 @@ def _add_pairs(sub: argparse._SubParsersAction) -> None:
 
 def _run_pairs(args: argparse.Namespace) -> int:
     from .images import resolve_image_list
-    from .pairs import exhaustive_pairs, sequential_pairs, write_pairs
+    from .pairs import check_pair_args, generate_pairs, write_pairs
 
+    check_pair_args(args.strategy, args.window, args.num_neighbors)
     names = resolve_image_list(args.image_dir, args.image_list)
-    if args.strategy == "exhaustive":
-        pairs = exhaustive_pairs(names)
-    elif args.strategy == "retrieval":
-        from .retrieval import retrieval_pairs
-
-        pairs = retrieval_pairs(names, args.num_neighbors, feature_path=args.features,
-                                image_dir=args.image_dir, method=args.retrieval_method)
-    else:
-        pairs = sequential_pairs(names, window=args.window, wrap=args.wrap)
+    pairs, _ = generate_pairs(args.strategy, names, window=args.window, wrap=args.wrap,
+                              num_neighbors=args.num_neighbors, feature_path=args.features,
+                              image_dir=args.image_dir, retrieval_method=args.retrieval_method)
     write_pairs(args.output, pairs)
     logger.info("Wrote %d pairs of %d images to %s.", len(pairs), len(names), args.output)
     return 0
@@ -229,7 +233,8 @@ def _add_hpatches(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threshold", type=float, help="dift protocol inlier threshold, px (3)")
     p.add_argument("--gf-threshold", default=None,
                    help="gluefactory protocol pycolmap threshold in px (1.0), or 'auto'")
-    p.add_argument("--num-viz", type=int, default=4, help="match plots to draw")
+    p.add_argument("--num-viz", type=int, help="match plots to draw (default: num_viz of "
+                                                 "dift_sfm.eval.hpatches.default_conf)")
     p.add_argument("--overwrite", action="store_true", help="recompute cached features/matches")
     add_conf_args(p)
     p.set_defaults(func=_run_hpatches)
@@ -263,8 +268,9 @@ def _add_pose_bench(sub: argparse._SubParsersAction) -> None:
                    help="SuperGlue format: name0 name1 rot0 rot1 K0(9) K1(9) T_0to1(16)")
     p.add_argument("--images", type=Path, required=True, help="folder the names are relative to")
     p.add_argument("--output", "-o", type=Path, required=True)
-    p.add_argument("--threshold", type=float, default=2.0,
-                   help="essential matrix RANSAC threshold, px of the stored images (2)")
+    p.add_argument("--threshold", type=float,
+                   help="essential matrix RANSAC threshold, px of the stored images (default: "
+                        "the threshold of dift_sfm.eval.pose.run_pose_benchmark)")
     p.add_argument("--overwrite", action="store_true")
     add_conf_args(p)
     p.set_defaults(func=_run_pose_bench)
@@ -274,8 +280,9 @@ def _run_pose_bench(args: argparse.Namespace) -> int:
     from .eval.pose import run_pose_benchmark
     from .eval.report import pose_table
 
+    given = {} if args.threshold is None else {"threshold": args.threshold}
     results = run_pose_benchmark(conf_from_args(args), args.pairs, args.images, args.output,
-                                 threshold=args.threshold, overwrite=args.overwrite)
+                                 overwrite=args.overwrite, **given)
     print(pose_table(results))  # the result is the product: printed even with -q
     return 0
 
@@ -283,10 +290,10 @@ def _run_pose_bench(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------- COLMAP
 def _add_camera_args(p: argparse.ArgumentParser) -> None:
 
-    p.add_argument("--camera-mode", choices=list(CAMERA_MODES), default="auto",
+    p.add_argument("--camera-mode", choices=list(CAMERA_MODES), default=DEFAULT_CAMERA_MODE,
                    help="which images share intrinsics (auto: same size + same EXIF camera and "
                         "focal), default: %(default)s")
-    p.add_argument("--camera-model", default="SIMPLE_RADIAL",
+    p.add_argument("--camera-model", default=DEFAULT_CAMERA_MODEL,
                    help="COLMAP camera model, e.g. SIMPLE_PINHOLE, PINHOLE, SIMPLE_RADIAL, "
                         "OPENCV (default: %(default)s)")
 
@@ -301,9 +308,11 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
                    help="text file of image names (relative to IMAGE_DIR), one per line")
     p.add_argument("--pairs", default="exhaustive", metavar="exhaustive|sequential|retrieval|FILE",
                    help="pair strategy or a pairs file (default: %(default)s)")
-    p.add_argument("--window", type=int, default=5, help="sequential: neighbours after each image")
-    p.add_argument("--num-neighbors", type=int, default=10,
-                   help="retrieval: most similar images paired with each image")
+    p.add_argument("--window", type=int,
+                   help=f"sequential: neighbours after each image (default: {SEQUENTIAL_WINDOW})")
+    p.add_argument("--num-neighbors", type=int,
+                   help=f"retrieval: most similar images paired with each image (default: "
+                        f"{NUM_NEIGHBORS})")
     p.add_argument("--retrieval-method", choices=list(RETRIEVAL_METHODS), default=None,
                    help="retrieval global descriptor (default vlad of the local descriptors)")
     _add_camera_args(p)
@@ -411,15 +420,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _terminate(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
     logger.setLevel(logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO)
-    signal.signal(signal.SIGTERM, _terminate)  # finish like Ctrl-C: shards kept, one line
+    interrupts.install()  # SIGTERM finishes like Ctrl-C: shards kept, one line, exit 130
     try:
         return args.func(args)
     except DiftSfmError as err:

@@ -116,8 +116,9 @@ def parse_value(text: str) -> Any:
 
 def _unknown(kind: str, key: str, valid: list[str]) -> ConfError:
     leaf = key.split(".")[-1]
-    close = [v for v in valid if leaf and v.startswith(leaf)] or difflib.get_close_matches(
-        leaf, valid, n=1)
+    valid_others = [v for v in valid if v != leaf]  # never "did you mean" the same name
+    close = [v for v in valid_others if leaf and v.startswith(leaf)] or \
+        difflib.get_close_matches(leaf, valid_others, n=1)
     hint = f" Did you mean '{close[0]}'?" if close else ""
     return ConfError(f"Unknown {kind} '{key}'.{hint} Valid: {', '.join(sorted(valid))}.")
 
@@ -145,6 +146,68 @@ def _check_type(key: str, value: Any, default: Any) -> None:
                         f"{wanted} (default: {json.dumps(default)}).")
 
 
+def _at_least(low: float, none: str | None = None) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None if none else "null is not allowed"
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= low:
+            return None
+        return f"must be at least {low}" + (f" (or null: {none})" if none else "")
+    return check
+
+
+def _in_range(low: float, high: float, none: str) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is None or isinstance(value, (int, float)) and low < value <= high:
+            return None
+        return f"must be in ({low}, {high}] (or null: {none})"
+    return check
+
+
+def _one_of(*choices: str) -> Callable[[Any], str | None]:
+    return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
+
+
+def _device(value: Any) -> str | None:
+    if value in (None, "auto"):
+        return None
+    import torch  # a conf's featurizer defaults already loaded it
+
+    try:
+        torch.device(value)
+    except (RuntimeError, TypeError):
+        return "is not a torch device: use auto, cpu, cuda, cuda:N or mps"
+    return None
+
+
+#: Bounds of option values, the one place they are declared: "section.option" -> check (the
+#: reason a value is refused, or None), applied by ``resolve_conf`` to every component that
+#: has the option. Types are checked against the defaults (``_check_type``); the metric names
+#: are the ones ``matchers.mnn`` implements.
+BOUNDS: dict[str, Callable[[Any], str | None]] = {
+    "preprocessing.resize_max": _at_least(1, none="full resolution"),
+    "preprocessing.min_size": _at_least(1),
+    "keypoints.max_keypoints": _at_least(1, none="no limit"),
+    "keypoints.step": _at_least(1),
+    "featurizer.batch_size": _at_least(1),
+    "featurizer.ensemble": _at_least(1),
+    "featurizer.t": _at_least(0),
+    "featurizer.device": _device,
+    "matcher.metric": _one_of("cosine", "l2"),
+    "matcher.ratio_threshold": _in_range(0, 1, none="no ratio test"),
+    "matcher.device": _device,
+    "matcher.prefetch": _at_least(1),
+    "pca.dim": _at_least(1, none="no PCA"),
+}
+
+
+def _check_bounds(key: str, value: Any) -> None:
+    check = BOUNDS.get(key)
+    reason = check(value) if check is not None else None
+    if reason:
+        raise ConfError(f"Conf value {key}={json.dumps(value)} {reason}.")
+
+
 def _section(section: str, given: Mapping[str, Any]) -> dict[str, Any]:
     """Complete one section: its component's defaults, then ``given`` (checked against them)."""
     name = given.get("name", DEFAULT_COMPONENT.get(section))
@@ -155,6 +218,7 @@ def _section(section: str, given: Mapping[str, Any]) -> dict[str, Any]:
         if key not in defaults:
             raise _unknown(f"{section} option", f"{section}.{key}", list(defaults))
         _check_type(f"{section}.{key}", value, defaults[key])
+        _check_bounds(f"{section}.{key}", value)
     return {**defaults, **copy.deepcopy(dict(given))}
 
 
@@ -170,7 +234,10 @@ def resolve_conf(conf: Mapping[str, Any],
         if section in TOP_LEVEL and not leaf:
             partial[section] = value
             continue
-        if section not in SECTIONS or not leaf:
+        if section in SECTIONS and not leaf:
+            raise ConfError(f"Conf key '{key}' names a whole section: set one of its options, "
+                            f"e.g. --set {section}.name=... (see `dift-sfm confs NAME`).")
+        if section not in SECTIONS:
             raise _unknown("conf section", key, [*SECTIONS, *TOP_LEVEL])
         node = partial.setdefault(section, {})
         *path, last = leaf.split(".")

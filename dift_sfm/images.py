@@ -54,7 +54,7 @@ def read_image_list(path: Path | str) -> list[str]:
     Only the first whitespace-separated token counts (hloc query lists carry intrinsics after it).
     """
     path = Path(path)
-    if not path.is_file():
+    if not path.exists() or path.is_dir():  # a pipe (`<(ls *.jpg)`) is a valid list
         raise DiftSfmError(f"Image list {path} does not exist.")
     names = []
     for line in path.read_text().splitlines():

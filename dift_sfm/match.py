@@ -132,7 +132,8 @@ class LocalBackend:
         order = locality_order(pairs, capacity)
         self.stats = {"budget_bytes": cache.budget, "capacity": min(capacity, len(images)),
                       "reordered": int(order != pairs), "reads": 0}
-        logger.info("Descriptor cache: %.1f MiB, about %d of %d images (%.3g MiB each)%s.",
+        logger.info("Descriptor cache limit: %.1f MiB (room for about %d of the %d images, "
+                    "%.3g MiB each)%s.",
                     cache.budget / 2**20, min(capacity, len(images)), len(images),
                     per_image / 2**20,
                     "" if capacity >= len(images) else

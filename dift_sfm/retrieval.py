@@ -34,6 +34,13 @@ from .progress import progress
 logger = logging.getLogger("dift_sfm")
 
 METHODS = ("vlad", "mean", "tiny")
+#: retrieval pairs: each image with this many most similar others
+NUM_NEIGHBORS = 10
+
+
+def default_method(feature_path: Path | str | None) -> str:
+    """``vlad`` of the local descriptors when there is a features file, else ``tiny``."""
+    return "vlad" if feature_path is not None else "tiny"
 
 
 def _l2(x: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -131,7 +138,7 @@ def global_descriptors(names: list[str], feature_path: Path | str | None = None,
                        image_dir: Path | str | None = None, method: str | None = None,
                        num_clusters: int = 16) -> np.ndarray:
     """(n, G) L2-normalised global descriptors of ``names`` (see the module docstring)."""
-    method = method or ("vlad" if feature_path is not None else "tiny")
+    method = method or default_method(feature_path)
     if method not in METHODS:
         raise DiftSfmError(f"Unknown retrieval method '{method}'; choose one of "
                            f"{', '.join(METHODS)}.")
@@ -170,7 +177,7 @@ def pairs_from_descriptors(names: list[str], descriptors: np.ndarray,
     return pairs
 
 
-def retrieval_pairs(names: list[str], num_neighbors: int = 10,
+def retrieval_pairs(names: list[str], num_neighbors: int = NUM_NEIGHBORS,
                     feature_path: Path | str | None = None, image_dir: Path | str | None = None,
                     method: str | None = None) -> list[tuple[str, str]]:
     """Retrieval pairs of ``names``: VLAD of ``feature_path`` descriptors by default, the
@@ -180,6 +187,6 @@ def retrieval_pairs(names: list[str], num_neighbors: int = 10,
     desc = global_descriptors(names, feature_path, image_dir, method)
     pairs = pairs_from_descriptors(names, desc, num_neighbors)
     logger.info("Retrieval (%s, k=%d): %d pairs of %d images.",
-                method or ("vlad" if feature_path is not None else "tiny"), num_neighbors,
+                method or default_method(feature_path), num_neighbors,
                 len(pairs), len(names))
     return pairs

@@ -11,19 +11,24 @@ database in a temporary file and atomically replaces ``sfm_dir/database.db`` wit
 
 from __future__ import annotations
 
+import functools
+import inspect
 import logging
 import os
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
+from .colmap import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL
 from .colmap.database import (
     check_camera_args,
     check_image_names,
     create_database,
     import_into_database,
+    lock_database,
     remove_database,
 )
 from .colmap.mapping import (
@@ -38,9 +43,15 @@ from .extract import extract_features
 from .formats.features import list_names
 from .images import resolve_image_list
 from .match import match_features
-from .pairs import PAIR_STRATEGIES, exhaustive_pairs, read_pairs, sequential_pairs, write_pairs
+from .pairs import (
+    PAIR_STRATEGIES,
+    check_pair_args,
+    check_pairable,
+    generate_pairs,
+    read_pairs,
+    write_pairs,
+)
 from .report import report_after_run
-from .retrieval import retrieval_pairs
 
 if TYPE_CHECKING:
     import pycolmap
@@ -48,18 +59,50 @@ if TYPE_CHECKING:
     from .distributed import RayOptions
 
 logger = logging.getLogger("dift_sfm")
+F = TypeVar("F", bound=Callable)
 
 __all__ = ["PAIR_STRATEGIES", "make_pairs", "reconstruct", "run_pipeline"]
 
 
+_held = threading.local()  # .folders: the folders whose lock this thread holds
+
+
+def _one_run_per_folder(param: str) -> Callable[[F], F]:
+    """Decorator: the function holds the lock of ``<folder>/database.db``
+    (``colmap.database.lock_database``), the folder being its argument ``param``, while it
+    runs. Re-entrant in one thread (``run_pipeline`` calls ``reconstruct``); another process,
+    or thread, gets OutputLockedError at once."""
+    def decorate(fn: F) -> F:
+        signature = inspect.signature(fn)
+
+        @functools.wraps(fn)
+        def locked(*args, **kwargs):
+            folder = Path(signature.bind(*args, **kwargs).arguments[param]).absolute()
+            held = getattr(_held, "folders", None)
+            if held is None:
+                held = _held.folders = set()
+            if folder in held:
+                return fn(*args, **kwargs)
+            lock = lock_database(folder / "database.db")  # creates the folder
+            held.add(folder)
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                held.discard(folder)
+                lock.release()
+        return locked  # type: ignore[return-value]
+    return decorate
+
+
+@_one_run_per_folder("sfm_dir")
 def reconstruct(
     sfm_dir: Path | str,
     image_dir: Path | str,
     pairs: Path | str,
     features: Path | str,
     matches: Path | str,
-    camera_mode: str = "auto",
-    camera_model: str = "SIMPLE_RADIAL",
+    camera_mode: str = DEFAULT_CAMERA_MODE,
+    camera_model: str = DEFAULT_CAMERA_MODEL,
     image_list: list[str] | None = None,
     min_model_size: int | None = None,
     verification_options: pycolmap.TwoViewGeometryOptions | None = None,
@@ -72,6 +115,8 @@ def reconstruct(
     (default: every image of the features file). It is built from scratch in
     ``database.db.tmp``, verified, then atomically moved over ``database.db``, so an old database
     is only replaced by a complete one. Returns the largest model and its summary (also logged).
+    One reconstruction per ``sfm_dir`` at a time: another process working there (``reconstruct``,
+    ``colmap-import`` on its database) makes this one stop at once with OutputLockedError.
     """
     sfm_dir, image_dir = Path(sfm_dir), Path(image_dir)
     sfm_dir.mkdir(parents=True, exist_ok=True)
@@ -120,29 +165,23 @@ def timed(timings: dict[str, float], stage: str) -> Iterator[None]:
 
 
 def make_pairs(strategy: str, names: list[str], output: Path, feature_path: Path,
-               image_dir: Path, window: int = 5, num_neighbors: int = 10,
+               image_dir: Path, window: int | None = None, num_neighbors: int | None = None,
                retrieval_method: str | None = None,
                skip: set[str] | frozenset[str] = frozenset()) -> Path:
-    """Write the pairs of ``names`` for a strategy (or a pairs FILE) into ``output``.
+    """Write the pairs of ``names`` for a strategy (``pairs.generate_pairs``; ``None`` settings
+    take its defaults) or a pairs FILE into ``output/pairs-<label>.txt``.
 
     A pairs file is validated against ``names`` (line-numbered errors); its pairs naming an
     image in ``skip`` (unreadable) are dropped with a warning.
     """
-    if strategy == "exhaustive":
-        pairs, path = exhaustive_pairs(names), output / "pairs-exhaustive.txt"
-    elif strategy == "sequential":
-        pairs = sequential_pairs(names, window=window)
-        path = output / f"pairs-sequential{window}.txt"
-    elif strategy == "retrieval":
-        method = retrieval_method or "vlad"
-        pairs = retrieval_pairs(names, num_neighbors, feature_path=feature_path,
-                                image_dir=image_dir, method=method)
-        path = output / f"pairs-retrieval-{method}{num_neighbors}.txt"
+    if strategy in PAIR_STRATEGIES:
+        pairs, label = generate_pairs(strategy, names, window=window,
+                                      num_neighbors=num_neighbors, feature_path=feature_path,
+                                      image_dir=image_dir, retrieval_method=retrieval_method)
+        path = output / f"pairs-{label}.txt"
     else:
+        check_pair_args(strategy)
         src = Path(strategy)
-        if not src.is_file():
-            raise DiftSfmError(f"--pairs must be one of {', '.join(PAIR_STRATEGIES)} or an "
-                               f"existing pairs file; '{strategy}' is neither.")
         try:
             pairs = read_pairs(src, known_names=set(names) | set(skip))
         except FormatError as err:
@@ -162,17 +201,18 @@ def make_pairs(strategy: str, names: list[str], output: Path, feature_path: Path
     return path
 
 
+@_one_run_per_folder("output")
 def run_pipeline(
     conf: dict,
     image_dir: Path | str,
     output: Path | str,
     pairs: str = "exhaustive",
-    window: int = 5,
-    num_neighbors: int = 10,
+    window: int | None = None,
+    num_neighbors: int | None = None,
     retrieval_method: str | None = None,
     image_list: Path | str | list[str] | None = None,
-    camera_mode: str = "auto",
-    camera_model: str = "SIMPLE_RADIAL",
+    camera_mode: str = DEFAULT_CAMERA_MODE,
+    camera_model: str = DEFAULT_CAMERA_MODEL,
     min_model_size: int | None = None,
     overwrite: bool = False,
     ray: RayOptions | None = None,
@@ -186,14 +226,15 @@ def run_pipeline(
     ``<conf output>_matches.h5``, ``database.db``, ``sparse/0``. Features and matches are
     resumable (finished images/pairs are reused unless ``overwrite``); the database and the
     model are rebuilt each run. Unreadable images are logged as errors and left out; the others
-    are reconstructed and the summary lists the skipped ones.
+    are reconstructed and the summary lists the skipped ones. ``window`` and
+    ``num_neighbors`` of ``None`` take the defaults of ``pairs.generate_pairs``. One run per
+    ``output`` folder at a time, as for ``reconstruct``.
     """
     image_dir, output = Path(image_dir), Path(output)
     check_camera_args(camera_mode, camera_model)  # fail before any work
-    if pairs not in PAIR_STRATEGIES and not Path(pairs).is_file():
-        raise DiftSfmError(f"--pairs must be one of {', '.join(PAIR_STRATEGIES)} or an "
-                           f"existing pairs file; '{pairs}' is neither.")
+    check_pair_args(pairs, window, num_neighbors)
     names = resolve_image_list(image_dir, image_list)  # refuses colliding names
+    check_pairable(names, f"image folder {image_dir}")  # before extraction, naming the file
     output.mkdir(parents=True, exist_ok=True)
     features = output / f"{conf['output']}.h5"
     failed: dict[str, str] = {}

@@ -28,8 +28,8 @@ def interrupt_cli(args: list[str], parts: Path, pattern: str = "*.h5", delay: fl
     in ``parts`` (an output's shard folder; 120 s at most), wait ``delay`` more, then send
     ``sig`` (kill -9 by default) and wait for the process. Returns the finished process."""
     popen = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, **popen}
-    proc = subprocess.Popen([sys.executable, "-m", "dift_sfm.cli", *args], env=CLI_ENV,
-                            **popen)
+    proc = subprocess.Popen([sys.executable, "-m", "dift_sfm.cli", *args],
+                            **{"env": CLI_ENV, **popen})
     deadline = time.time() + 120
     while time.time() < deadline and not list(parts.glob(pattern)) and proc.poll() is None:
         time.sleep(0.05)
@@ -37,6 +37,26 @@ def interrupt_cli(args: list[str], parts: Path, pattern: str = "*.h5", delay: fl
     assert proc.poll() is None, "the run ended before it could be interrupted"
     proc.send_signal(sig)
     return proc
+
+
+#: what must never appear on stderr of an interrupted command: Python tracebacks, glog's
+#: native stack dump (pycolmap), a swallowed interrupt, Ray's ``sys.exit(15)``
+NOT_LIKE_CTRL_C = ("Traceback", "*** SIGTERM", "Check failure", "Exception ignored",
+                   "SystemExit")
+
+
+def sigterm_cli(args: list[str], parts: Path, pattern: str = "*", delay: float = 0.0,
+                timeout: float = 120, **popen) -> str:
+    """``interrupt_cli`` with SIGTERM, then check it ended like Ctrl-C: exit code 130, one
+    ERROR line saying finished work is kept, none of NOT_LIKE_CTRL_C. Returns stderr."""
+    proc = interrupt_cli(args, parts, pattern, delay, sig=signal.SIGTERM,
+                         stderr=subprocess.PIPE, text=True, **popen)
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 130, err[-3000:]
+    errors = [line for line in err.splitlines() if " ERROR]" in line]
+    assert len(errors) == 1 and "Interrupted; completed work is kept" in errors[0], err[-3000:]
+    assert not [bad for bad in NOT_LIKE_CTRL_C if bad in err], err[-3000:]
+    return err
 
 
 def texture(h: int, w: int, seed: int = 0) -> np.ndarray:

@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pycolmap
 import pytest
+from conftest import CLI_ENV, sigterm_cli, texture, warp
 
 from dift_sfm.cli import main as cli_main
 from dift_sfm.colmap.database import (
@@ -212,6 +215,11 @@ def test_sacre_coeur_all_images_register(tmp_path):
     assert summary.num_points3D > 300
     assert summary.mean_reprojection_error < 1.5
     assert (tmp_path / "sc" / "sparse" / "0" / "points3D.bin").is_file()
+    # "verified pairs" counts pairs with inliers, not every pair COLMAP tried
+    with sqlite3.connect(tmp_path / "sc" / "database.db") as con:
+        tried, with_inliers = con.execute(
+            "SELECT COUNT(*), SUM(rows > 0) FROM two_view_geometries").fetchone()
+    assert summary.num_verified_pairs == with_inliers <= tried == 45
 
 
 # --------------------------------------------------------------------------- bad input
@@ -294,6 +302,12 @@ def test_colmap_import_into_colmap_database_then_map(scene, tmp_path):
         assert d.num_matched_image_pairs() == 28
     # and COLMAP maps it
     pycolmap.verify_matches(db, pairs)
+    # a refusal counts each pair once, though it has raw matches and a two-view geometry
+    result = subprocess.run([sys.executable, "-m", "dift_sfm.cli", *argv], env=CLI_ENV,
+                            capture_output=True, text=True)
+    errors = [line for line in result.stderr.splitlines() if " ERROR]" in line]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr
+    assert "for 28 pairs" in errors[0] and "56" not in errors[0]
     options = pycolmap.IncrementalPipelineOptions()
     options.min_model_size = 3
     models = pycolmap.incremental_mapping(db, scene["images"], tmp_path / "sparse", options)
@@ -427,3 +441,100 @@ def test_retrieval_separates_two_scenes(scene, tmp_path):
     vlad = retrieval_pairs(names, 3, feature_path=feats)
     assert same_scene(vlad) and len(vlad) >= len(names) * 3 // 2
     assert same_scene(retrieval_pairs(names, 1, feature_path=feats, method="mean"))
+
+
+# --------------------------------------------------------------------------- issue 18
+def _views_argv(scene, out: Path, listing: Path) -> list[str]:
+    """`reconstruct` of the 8 readable views of the scene into ``out`` (exit code 0)."""
+    listing.write_text("\n".join(sorted(scene["poses"])) + "\n")
+    return ["reconstruct", str(scene["images"]), "-o", str(out), "--image-list", str(listing),
+            "--conf", "sift", "--max-keypoints", "2048", "--camera-mode", "single",
+            "--min-model-size", "3"]
+
+
+@pytest.mark.slow
+def test_racing_runs_on_one_folder_and_one_database(scene, tmp_path):
+    """A second `reconstruct` into a folder, and a `colmap-import` into its database, while a
+    first `reconstruct` works there: each stops at once with one line; the first finishes and
+    leaves whole files. The first is held inside geometric verification (its new database
+    written, the old one still in place) until both others are done: two real processes on a
+    real database, no timing."""
+    out = tmp_path / "out"
+    shutil.copytree(scene["out"], out)  # finished features, matches, database.db and model
+    argv = _views_argv(scene, out, tmp_path / "views.txt")
+    paused, release = tmp_path / "paused", tmp_path / "release"
+    holder = ("import pathlib, sys, time\n"
+              "import dift_sfm.sfm as sfm\n"
+              "verify = sfm.verify_database\n"
+              "def held(*args, **kwargs):\n"
+              f"    pathlib.Path({str(paused)!r}).touch()\n"
+              f"    while not pathlib.Path({str(release)!r}).exists():\n"
+              "        time.sleep(0.05)\n"
+              "    return verify(*args, **kwargs)\n"
+              "sfm.verify_database = held\n"
+              "from dift_sfm.cli import main\n"
+              f"sys.exit(main({argv!r}))\n")
+    first = subprocess.Popen([sys.executable, "-c", holder], env=CLI_ENV,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not paused.exists() and first.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert paused.exists(), first.communicate()[1][-3000:]
+        digest = _digest(out / "database.db")
+        second = subprocess.run([sys.executable, "-m", "dift_sfm.cli", *argv], env=CLI_ENV,
+                                capture_output=True, text=True)
+        importer = subprocess.run(
+            [sys.executable, "-m", "dift_sfm.cli", "colmap-import", "--database",
+             str(out / "database.db"), "--features", str(scene["out"] / "feats-sift.h5"),
+             "--matches", str(scene["out"] / "feats-sift_matches.h5"), "--pairs",
+             str(scene["out"] / "pairs-exhaustive.txt"), "--overwrite"],
+            env=CLI_ENV, capture_output=True, text=True)
+        for result in (second, importer):
+            errors = [line for line in result.stderr.splitlines() if " ERROR]" in line]
+            assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+            assert "Another dift-sfm process is writing" in errors[0]
+            assert str(out / "database.db") in errors[0] and "Traceback" not in result.stderr
+        assert _digest(out / "database.db") == digest  # untouched by both
+        assert first.poll() is None  # the first still holds the folder
+    finally:
+        release.touch()
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    with pycolmap.Database.open(out / "database.db") as db:
+        assert db.num_images() == 8 and db.num_verified_image_pairs() == 28
+    assert _read_model(out).num_reg_images() == 8
+    assert not list(out.glob("*.lock")) and not (out / "database.db.tmp").exists()
+
+
+@pytest.mark.slow
+def test_sigterm_during_reconstruct_then_rerun(scene, tmp_path):
+    """SIGTERM while `reconstruct` extracts (pycolmap loaded): like Ctrl-C; the rerun goes on
+    from the kept images and builds the model."""
+    out = tmp_path / "out"
+    argv = _views_argv(scene, out, tmp_path / "views.txt")
+    sigterm_cli(argv, out / "feats-sift.h5.parts")
+    assert not (out / "database.db").exists()
+    rerun = subprocess.run([sys.executable, "-m", "dift_sfm.cli", *argv], env=CLI_ENV,
+                           capture_output=True, text=True)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert _read_model(out).num_reg_images() == 8
+
+
+def test_two_photos_without_a_model_say_why(tmp_path):
+    """Two views of a plane with hundreds of inliers: the message must not claim too few
+    verified matches, but give the inliers and the baseline rule that stopped COLMAP."""
+    images = tmp_path / "images"
+    images.mkdir()
+    img = texture(360, 480, seed=1)
+    H = np.array([[0.9, 0.08, 20.0], [-0.06, 0.95, 15.0], [1e-4, -5e-5, 1.0]])
+    cv2.imwrite(str(images / "a.png"), img)
+    cv2.imwrite(str(images / "b.png"), warp(img, H))
+    result = subprocess.run([sys.executable, "-m", "dift_sfm.cli", "reconstruct", str(images),
+                             "-o", str(tmp_path / "out")], env=CLI_ENV, capture_output=True,
+                            text=True)
+    errors = [line for line in result.stderr.splitlines() if " ERROR]" in line]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert "too few verified matches" not in errors[0]
+    best = int(errors[0].split("the best with ")[1].split()[0])
+    assert best >= 100 and "1 pair(s) are verified" in errors[0] and "baseline" in errors[0]

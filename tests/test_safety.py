@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -15,10 +17,10 @@ import cv2
 import h5py
 import numpy as np
 import pytest
-from conftest import CLI_ENV, h5_datasets, interrupt_cli, texture, texture_folder
+from conftest import CLI_ENV, h5_datasets, interrupt_cli, sigterm_cli, texture, texture_folder
 
 from dift_sfm.cli import main
-from dift_sfm.confs import ConfError, get_conf
+from dift_sfm.confs import ConfError, get_conf, resolve_conf
 from dift_sfm.errors import DiftSfmError, FormatError
 from dift_sfm.extract import extract_features
 from dift_sfm.formats.features import FeaturesReader, list_names
@@ -372,3 +374,226 @@ def test_the_cli_starts_without_torch_or_pycolmap():
                             "set(sys.modules)))"],
                            env=ENV, capture_output=True, text=True)
     assert probe.stdout.strip() == "[]", probe.stderr
+
+
+# ----------------------------------------------------------------------- round two (issue 18)
+def _one_error(result: subprocess.CompletedProcess, *needles: str) -> str:
+    """Exit code 1 and exactly one ERROR line, holding every needle, and no traceback."""
+    errors = [line for line in result.stderr.splitlines() if " ERROR]" in line]
+    assert result.returncode == 1 and len(errors) == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    for needle in needles:
+        assert needle in errors[0], errors[0]
+    return errors[0]
+
+
+def test_sigterm_under_pycolmap_is_ctrl_c_and_keeps_work(tmp_path):
+    """`reconstruct` has pycolmap (glog's failure handler) loaded before its first image."""
+    many = texture_folder(tmp_path / "many", 40, 200, 260)
+    out = tmp_path / "out"
+    sigterm_cli(["reconstruct", str(many), "-o", str(out)], out / "feats-sift.h5.parts",
+                delay=0.5)
+    rerun = cli("extract", str(many), "-o", str(out / "feats-sift.h5"))
+    assert rerun.returncode == 0, rerun.stderr
+    done = [line for line in rerun.stderr.splitlines() if "already done" in line]
+    assert done and " (0 already done)" not in done[0], rerun.stderr
+    assert len(list_names(out / "feats-sift.h5")) == 40
+
+
+def test_handler_put_back_after_pycolmap_import_in_any_thread():
+    probe = ("import os, signal, sys, threading, time\n"
+             "from dift_sfm import interrupts\n"
+             "interrupts.install()\n"
+             "t = threading.Thread(target=lambda: __import__('pycolmap')); t.start(); t.join()\n"
+             "try:\n"
+             "    os.kill(os.getpid(), signal.SIGTERM)\n"
+             "    for _ in range(6000): time.sleep(0.01)\n"
+             "except KeyboardInterrupt:\n"
+             "    sys.exit(130)\n")
+    result = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 130 and "*** SIGTERM" not in result.stderr, result.stderr
+
+
+def test_sigterm_raised_inside_a_weakref_callback_is_not_lost(images, tmp_path):
+    """The handler runs inside a weakref callback, where Python swallows exceptions
+    ("Exception ignored in ..."): the interrupt is delivered again and the command stops."""
+    out = tmp_path / "pairs.txt"
+    script = ("import signal, sys, time, weakref\n"
+              "import dift_sfm.pairs as P\n"
+              "real = P.write_pairs\n"
+              "class Box: pass\n"
+              "def write_pairs(path, pairs):\n"
+              "    box = Box()\n"
+              "    ref = weakref.ref(box, lambda _: signal.raise_signal(signal.SIGTERM))\n"
+              "    del box  # the handler raises inside the callback\n"
+              "    for _ in range(6000): time.sleep(0.01)  # 60 s of safe points\n"
+              "    real(path, pairs)\n"
+              "P.write_pairs = write_pairs\n"
+              "from dift_sfm.cli import main\n"
+              f"sys.exit(main(['pairs', 'exhaustive', {str(images)!r}, '-o', {str(out)!r}]))\n")
+    result = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "Exception ignored" not in result.stderr and "Traceback" not in result.stderr
+    assert "Interrupted; completed work is kept" in result.stderr
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needles", [
+    (["pairs", "sequential", "{images}", "-o", "{tmp}/p.txt", "--window", "0"],
+     ["--window must be at least 1, got 0"]),
+    (["pairs", "sequential", "{images}", "-o", "{tmp}/p.txt", "--window", "-3"],
+     ["--window must be at least 1, got -3"]),
+    (["pairs", "retrieval", "{images}", "-o", "{tmp}/p.txt", "--num-neighbors", "0"],
+     ["--num-neighbors must be at least 1"]),
+    (["reconstruct", "{images}", "-o", "{tmp}/out", "--pairs", "sequential", "--window", "0"],
+     ["--window must be at least 1"]),
+    (["match", "{tmp}/given_pairs.txt", "--features", "{tmp}/given.h5", "-o", "{tmp}/m.h5",
+      "--set", "matcher.metric=hamming"], ["matcher.metric=\"hamming\"", "cosine, l2"]),
+    (["extract", "{images}", "-o", "{tmp}/f.h5", "--device", "gpu"],
+     ["--device: featurizer 'sift' has no device option"]),
+    (["extract", "{images}", "-o", "{tmp}/f.h5", "--conf", "dift-sd", "--device", "gpu"],
+     ["featurizer.device=\"gpu\" is not a torch device"]),
+    (["extract", "{images}", "-o", "{tmp}/f.h5", "--max-keypoints", "-1"],
+     ["keypoints.max_keypoints=-1 must be at least 1"]),
+    (["extract", "{images}", "-o", "{tmp}/f.h5", "--max-keypoints", "0"],
+     ["keypoints.max_keypoints=0 must be at least 1"]),
+    (["extract", "{images}", "-o", "{tmp}/f.h5", "--set", "keypoints.max_keypoints=-5"],
+     ["keypoints.max_keypoints=-5 must be at least 1"]),
+    (["extract", "{images}", "-o", "{tmp}/f.h5", "--set", "keypoints.max_keypoints=0"],
+     ["keypoints.max_keypoints=0"]),
+    (["extract", "{images}", "-o", "{tmp}/f.h5", "--set", "featurizer=3"],
+     ["'featurizer' names a whole section", "featurizer.name"]),
+])
+def test_bad_values_are_one_line_refusals(args, needles, images, tmp_path):
+    """Tracebacks and accepted nonsense of the second campaign: one line each, no output."""
+    if "{tmp}/given.h5" in args:
+        feats = extract_features(get_conf("sift"), images, tmp_path / "given.h5")
+        write_pairs(tmp_path / "given_pairs.txt", exhaustive_pairs(list_names(feats)))
+    argv = [a.format(images=images, tmp=tmp_path) for a in args]
+    line = _one_error(cli(*argv), *needles)
+    assert "Did you mean 'featurizer'" not in line
+    assert not (tmp_path / "f.h5").exists() and not (tmp_path / "m.h5").exists()
+    assert not (tmp_path / "p.txt").exists()
+    assert not [p for p in (tmp_path / "out").glob("*")]  # reconstruct: its folder stays empty
+
+
+def test_bounds_are_declared_once_and_checked_by_resolve_conf():
+    from dift_sfm.confs import BOUNDS
+
+    assert "keypoints.max_keypoints" in BOUNDS
+    for value in (-1, 0):
+        with pytest.raises(ConfError, match="must be at least 1"):
+            get_conf("sift", {"keypoints.max_keypoints": value})
+    for name in ("gftt", "grid"):  # every detector with the option
+        with pytest.raises(ConfError, match="max_keypoints"):
+            resolve_conf({"keypoints": {"name": name, "max_keypoints": -2}})
+    assert get_conf("sift", {"keypoints.max_keypoints": None})["keypoints"]["max_keypoints"] \
+        is None  # null: no limit
+    with pytest.raises(ConfError, match="ratio_threshold"):
+        get_conf("sift", {"matcher.ratio_threshold": 1.5})
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a CPU-only torch")
+def test_cuda_on_a_cpu_only_torch_is_named(images, tmp_path):
+    feats = extract_features(get_conf("sift"), images, tmp_path / "given.h5")
+    write_pairs(tmp_path / "pairs.txt", exhaustive_pairs(list_names(feats)))
+    result = cli("match", str(tmp_path / "pairs.txt"), "--features", str(feats), "-o",
+                 str(tmp_path / "m.h5"), "--device", "cuda")
+    _one_error(result, "Device 'cuda' is not available", "CPU-only")
+    tiny_sd = Path(__file__).resolve().parents[2] / "shared" / "conformance" / "sd" / "model"
+    if tiny_sd.is_dir():  # was: "... is not a diffusers model folder"
+        result = cli("extract", str(images), "-o", str(tmp_path / "sd.h5"), "--conf", "dift-sd",
+                     "--model", str(tiny_sd), "--device", "cuda")
+        line = _one_error(result, "Device 'cuda' is not available")
+        assert "diffusers" not in line
+
+
+def test_whitespace_in_an_image_name_is_refused_before_extraction(images, tmp_path):
+    cv2.imwrite(str(images / "with space.png"), texture(200, 260, seed=9))
+    out = tmp_path / "out"
+    result = cli("reconstruct", str(images), "-o", str(out))
+    _one_error(result, "'with space.png'", "whitespace", "rename")
+    assert "Extracting" not in result.stderr and not list(out.glob("*.h5"))
+
+
+def test_an_image_list_may_be_a_pipe(images, tmp_path):
+    """`--image-list <(ls ...)`: the shell passes /dev/fd/N, a pipe."""
+    read, write = os.pipe()
+    os.write(write, b"1.png\n# a comment\n3.png\n")
+    os.close(write)
+    try:
+        result = subprocess.run([sys.executable, "-m", "dift_sfm.cli", "extract", str(images),
+                                 "-o", str(tmp_path / "f.h5"), "--image-list",
+                                 f"/dev/fd/{read}"], env=ENV, capture_output=True, text=True,
+                                pass_fds=(read,))
+    finally:
+        os.close(read)
+    assert result.returncode == 0, result.stderr
+    assert list_names(tmp_path / "f.h5") == ["1.png", "3.png"]
+
+
+def _processes_naming(text: str) -> list[int]:
+    """Ids of the processes whose environment holds ``text`` (Ray's workers rewrite their
+    command line, "ray::DescribeWorker", but inherit the driver's environment)."""
+    found = []
+    for environ in Path("/proc").glob("[0-9]*/environ"):
+        try:
+            if text.encode() in environ.read_bytes():
+                found.append(int(environ.parent.name))
+        except OSError:  # ended meanwhile, or not ours
+            pass
+    return found
+
+
+@pytest.mark.slow
+def test_sigterm_under_ray_is_ctrl_c_and_stops_the_cluster_it_started(shared_data, tmp_path):
+    """`extract --ray` that started its own local cluster: SIGTERM ends it like Ctrl-C (no
+    "SystemExit: 15", exit 130), the cluster's processes go with it, finished shards stay."""
+    pytest.importorskip("ray")
+    ray_tmp = Path(tempfile.mkdtemp(prefix="r18-", dir="/tmp"))  # short: Ray's socket paths
+    out = tmp_path / "f.h5"
+    args = ["extract", str(shared_data / "sacre_coeur"), "-o", str(out), "--set",
+            "preprocessing.resize_max=480"]
+    try:
+        sigterm_cli([*args, "--ray", "--workers", "2"], out.with_name(out.name + ".parts"),
+                    env={**ENV, "RAY_TMPDIR": str(ray_tmp)}, timeout=300)
+        deadline = time.monotonic() + 60
+        while _processes_naming(str(ray_tmp)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not _processes_naming(str(ray_tmp))  # gcs, raylet, workers: all stopped
+    finally:
+        for pid in _processes_naming(str(ray_tmp)):  # only if the assertion failed
+            os.kill(pid, signal.SIGKILL)
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    rerun = cli(*args)
+    assert rerun.returncode == 0, rerun.stderr
+    done = [line for line in rerun.stderr.splitlines() if "already done" in line]
+    assert done and " (0 already done)" not in done[0], rerun.stderr
+
+
+def test_sigterm_while_another_swallowed_exception_is_printed_is_not_lost():
+    """The handler fires inside the unraisable hook itself (printing another swallowed
+    exception), where raising would be lost too: it is delivered once the hook returned."""
+    script = ("import signal, sys, time, weakref\n"
+              "from dift_sfm import interrupts\n"
+              "interrupts.install()\n"
+              "printer = interrupts._previous_unraisablehook\n"
+              "def printing(unraisable):\n"
+              "    signal.raise_signal(signal.SIGTERM)\n"
+              "    printer(unraisable)\n"
+              "interrupts._previous_unraisablehook = printing\n"
+              "class Box: pass\n"
+              "box = Box()\n"
+              "def fail(_): raise ValueError('another swallowed error')\n"
+              "ref = weakref.ref(box, fail)\n"
+              "try:\n"
+              "    del box\n"
+              "    for _ in range(6000): time.sleep(0.01)\n"
+              "except KeyboardInterrupt:\n"
+              "    sys.exit(130)\n")
+    result = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True,
+                            text=True, timeout=120)
+    assert result.returncode == 130, result.stderr
+    assert "another swallowed error" in result.stderr  # the other one is still printed

@@ -26,11 +26,12 @@ import pycolmap
 
 from ..errors import DiftSfmError, FormatError, ImageReadError
 from ..formats.features import FeaturesReader
+from ..formats.h5store import OutputLock
 from ..formats.matches import MatchesReader, matches_in
 from ..images import check_image_names as _check_names
 from ..pairs import read_pairs
 from ..progress import progress
-from . import CAMERA_MODES
+from . import CAMERA_MODES, DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL
 
 logger = logging.getLogger("dift_sfm")
 
@@ -90,10 +91,17 @@ def remove_database(path: Path) -> None:
         p.unlink(missing_ok=True)
 
 
+def lock_database(database: Path) -> OutputLock:
+    """The one-writer lock of a database (``<database>.lock``, the h5 writer's ``flock``): held
+    by ``import_into_database`` and by ``dift_sfm.sfm`` for a whole reconstruction, released by
+    ``.release()`` or when the process dies. A second holder gets OutputLockedError at once."""
+    return OutputLock(Path(database))
+
+
 # --------------------------------------------------------------------------- cameras and images
 def create_database(database: Path | str, image_dir: Path | str, names: list[str],
-                    camera_mode: str = "auto",
-                    camera_model: str = "SIMPLE_RADIAL") -> dict[str, int]:
+                    camera_mode: str = DEFAULT_CAMERA_MODE,
+                    camera_model: str = DEFAULT_CAMERA_MODEL) -> dict[str, int]:
     """Create a COLMAP database with cameras and images (no features) for ``names``.
 
     Uses pycolmap's image reader, so intrinsics follow COLMAP: the EXIF focal length when the
@@ -140,11 +148,15 @@ def create_database(database: Path | str, image_dir: Path | str, names: list[str
 
 
 # --------------------------------------------------------------------------- keypoints, matches
-def _connect(database: Path, lock_timeout: float) -> sqlite3.Connection:
-    """Open an existing COLMAP database read-write (never creates one) and take the write lock."""
+def _check_exists(database: Path) -> None:
     if not database.is_file():
         raise DatabaseError(f"Database {database} does not exist. Create it with COLMAP "
                             "(feature_extractor / image importer) or `dift-sfm reconstruct`.")
+
+
+def _connect(database: Path, lock_timeout: float) -> sqlite3.Connection:
+    """Open an existing COLMAP database read-write (never creates one) and take the write lock."""
+    _check_exists(database)
     uri = database.absolute().as_uri() + "?mode=rw"
     try:
         con = sqlite3.connect(uri, uri=True, timeout=lock_timeout, isolation_level=None)
@@ -243,7 +255,8 @@ def import_into_database(
     matches) in the database, unless ``overwrite`` (which deletes the keypoints, descriptors,
     matches and two-view geometries touching these images first). Everything happens in one
     transaction, rolled back on any error; a database locked by another process raises
-    DatabaseLockedError after ``lock_timeout`` seconds.
+    DatabaseLockedError after ``lock_timeout`` seconds, and one that another dift-sfm process
+    writes (``lock_database``) OutputLockedError at once.
     """
     database, features, matches, pairs = map(Path, (database, features, matches, pairs))
     if not features.is_file():
@@ -253,19 +266,24 @@ def import_into_database(
     with FeaturesReader(features) as reader:
         feature_names = set(reader.names)
     pair_list = read_pairs(pairs, known_names=feature_names)
-    con = _connect(database, lock_timeout)
+    _check_exists(database)
+    lock = lock_database(database)  # another dift-sfm run on it: refused at once
     try:
-        stats = _import(con, database, features, matches, pairs, pair_list, feature_names,
-                        overwrite)
-        con.execute("COMMIT")
-    except sqlite3.Error as err:
-        con.rollback()
-        raise _sqlite_error(database, err) from err
-    except BaseException:
-        con.rollback()
-        raise
+        con = _connect(database, lock_timeout)
+        try:
+            stats = _import(con, database, features, matches, pairs, pair_list, feature_names,
+                            overwrite)
+            con.execute("COMMIT")
+        except sqlite3.Error as err:
+            con.rollback()
+            raise _sqlite_error(database, err) from err
+        except BaseException:
+            con.rollback()
+            raise
+        finally:
+            con.close()
     finally:
-        con.close()
+        lock.release()
     logger.info("Imported %d images (%d keypoints) and %d pairs (%d raw matches) into %s.",
                 stats.num_images, stats.num_keypoints, stats.num_pairs, stats.num_matches,
                 database)
@@ -301,12 +319,13 @@ def _import(con: sqlite3.Connection, database: Path, features: Path, matches: Pa
     old_kpts = [image_id for (image_id,) in con.execute("SELECT image_id FROM keypoints")
                 if image_id in ids]
     old_pairs = {t: _pair_ids_touching(con, t, ids) for t in ("matches", "two_view_geometries")}
-    if (old_kpts or any(old_pairs.values())) and not overwrite:
+    num_old_pairs = len(set().union(*old_pairs.values()))  # a pair in both tables: once
+    if (old_kpts or num_old_pairs) and not overwrite:
         inv = {v: k for k, v in image_ids.items()}
         which = ", ".join(sorted(inv[i] for i in old_kpts)[:5])
         raise DatabaseError(
             f"Database {database} already has keypoints for {len(old_kpts)} of these images "
-            f"({which}) and matches/geometries for {sum(map(len, old_pairs.values()))} pairs "
+            f"({which}) and matches or two-view geometries for {num_old_pairs} pairs "
             "involving them. Use --overwrite (overwrite=True) to replace them; nothing was "
             "changed.")
 
@@ -329,9 +348,10 @@ def _import(con: sqlite3.Connection, database: Path, features: Path, matches: Pa
             con.execute(f"DELETE FROM {table} WHERE image_id IN ({placeholders})", sorted(ids))
         for table, pair_ids in old_pairs.items():
             con.executemany(f"DELETE FROM {table} WHERE pair_id = ?", [(p,) for p in pair_ids])
-        if old_kpts:
-            logger.warning("Replaced the keypoints of %d images and deleted %d matched pairs "
-                           "in %s.", len(old_kpts), len(old_pairs["matches"]), database)
+        if old_kpts or num_old_pairs:
+            logger.warning("Replaced the keypoints of %d images and deleted the matches and "
+                           "two-view geometries of %d pairs in %s.", len(old_kpts),
+                           num_old_pairs, database)
 
     stats = ImportStats()
     for name in progress(names, desc="keypoints", unit="img", disable=len(names) < 50):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,14 +70,28 @@ def follow_log_level() -> None:
 
 def verify_database(database: Path | str,
                     options: pycolmap.TwoViewGeometryOptions | None = None) -> int:
-    """pycolmap geometric verification of every matched pair; returns the verified pair count."""
+    """pycolmap geometric verification of every matched pair; returns the verified pair count
+    (pairs with at least one inlier, see ``verified_pairs``)."""
     database = Path(database)
     if options is None:
         options = pycolmap.TwoViewGeometryOptions()
         options.ransac.random_seed = 0
     pycolmap.geometric_verification(database, two_view_geometry_options=options)
-    with pycolmap.Database.open(database) as db:
-        return db.num_verified_image_pairs()
+    return verified_pairs(database)[0]
+
+
+def verified_pairs(database: Path | str) -> tuple[int, int]:
+    """(pairs whose two-view geometry has inliers, most inliers of one pair) of a database.
+
+    COLMAP writes a two-view geometry row for every pair it tried, failed ones too (0 inliers,
+    ``num_verified_image_pairs`` counts them): those are not verified pairs.
+    """
+    uri = Path(database).absolute().as_uri() + "?mode=ro"
+    with sqlite3.connect(uri, uri=True) as con:
+        count, best = con.execute(
+            "SELECT COUNT(*), MAX(rows) FROM two_view_geometries WHERE rows > 0").fetchone()
+    con.close()
+    return int(count), int(best or 0)
 
 
 def run_mapping(database: Path | str, image_dir: Path | str, sfm_dir: Path | str,
@@ -109,9 +124,7 @@ def run_mapping(database: Path | str, image_dir: Path | str, sfm_dir: Path | str
                     reverse=True)
     if not models:
         shutil.rmtree(work, ignore_errors=True)
-        raise ReconstructionError(
-            f"Mapping built no model from {database}: too few verified matches. Try exhaustive "
-            "pairs, more keypoints, or a lower --min-model-size.")
+        raise ReconstructionError(_no_model_reason(database, options))
     for i, rec in enumerate(models):
         (work / "sparse" / str(i)).mkdir(parents=True)
         rec.write_binary(work / "sparse" / str(i))
@@ -126,13 +139,29 @@ def run_mapping(database: Path | str, image_dir: Path | str, sfm_dir: Path | str
     return models
 
 
+def _no_model_reason(database: Path, options: pycolmap.IncrementalPipelineOptions) -> str:
+    """Why mapping built no model, with the figures that tell the causes apart."""
+    count, best = verified_pairs(database)
+    init = options.mapper
+    if best < init.init_min_num_inliers:
+        return (f"Mapping built no model from {database}: too few verified matches ({count} "
+                f"verified pairs, the best with {best} inliers; COLMAP starts from a pair with "
+                f"at least {init.init_min_num_inliers}). Try exhaustive pairs, more keypoints, "
+                "or more overlapping photos.")
+    return (f"Mapping built no model from {database} although {count} pair(s) are verified (the "
+            f"best with {best} inliers): COLMAP found no initial pair with enough baseline "
+            f"(triangulation angle over {init.init_min_tri_angle:g} deg) or no model of at "
+            f"least {options.min_model_size} images. Photos taken from further apart help, or "
+            "a lower --min-model-size.")
+
+
 def summarize_model(rec: pycolmap.Reconstruction, database: Path | str, sfm_dir: Path | str,
                     num_models: int = 1, failed_images: dict[str, str] | None = None
                     ) -> ReconstructionSummary:
     """Registered images, 3D points, mean track length and reprojection error of ``rec``."""
     with pycolmap.Database.open(database) as db:
         names = sorted(im.name for im in db.read_all_images())
-        verified = db.num_verified_image_pairs()
+    verified = verified_pairs(database)[0]
     registered = {rec.images[i].name for i in rec.reg_image_ids()}
     return ReconstructionSummary(
         sfm_dir=Path(sfm_dir),

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import cv2
 
+from .. import interrupts
 from ..errors import DiftSfmError
 
 if TYPE_CHECKING:
@@ -112,6 +113,7 @@ def connect(options: RayOptions):
         ray.init(**kwargs)
         logger.info("Started a local Ray cluster: %s.",
                     _describe_resources(ray.cluster_resources()))
+    interrupts.reinstall()  # ray.init replaced our SIGTERM handler (sys.exit(15))
     return ray
 
 

@@ -129,7 +129,15 @@ def resolve_device(name: str | None = "auto") -> torch.device:
         if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as err:
+        raise DiftSfmError(f"Unknown device '{name}': use auto, cpu, cuda, cuda:N or mps.") from err
+    if device.type == "cuda" and not torch.cuda.is_available():
+        why = ("this torch is a CPU-only build" if torch.version.cuda is None
+               else "no CUDA GPU is visible to it")
+        raise DiftSfmError(f"Device '{name}' is not available: {why}. Use device cpu or auto.")
+    return device
 
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
