@@ -44,7 +44,7 @@ import cv2
 import numpy as np
 
 from .errors import DiftSfmError, ImageReadError
-from .images import decode_image, read_image_bytes
+from .images import read_image_bytes
 
 logger = logging.getLogger("dift_sfm")
 
@@ -184,12 +184,11 @@ def _prepare(source: bytes | str, path: str, conf: dict, name: str):
     ``source`` is the file's bytes or, with a shared filesystem, its path. ImageReadError is a
     per-image outcome; another DiftSfmError stops the run (as it does locally).
     """
-    from .extract import prepare_image
-    from .images import read_image
+    from .extract import prepare
 
     try:
-        image = read_image(source) if isinstance(source, str) else decode_image(source, path)
-        return None, prepare_image(image, conf, name)
+        return None, prepare(Path(source) if isinstance(source, str) else source, conf, name,
+                             path)
     except DiftSfmError as err:
         return err, None
 
