@@ -7,7 +7,7 @@ images of each size:
 - ``resize``: ``resize_max`` (the featurizer's image), then ``detect_max`` (the detector's);
 - ``detect``: DoG at the detector's size (``keypoints.max_keypoints`` 4096).
 Rows: ``dift-sd`` as landed at e232955 (full-size decode, DoG at full resolution: the
-settings ``detect_max=null, reduced_decode=false`` and the decode of that commit) and as
+settings ``detect_max=null, reduced_decode=null`` and the decode of that commit) and as
 now (its default conf), ``sift`` (unchanged: OpenCV-exact). The "after" row also runs the
 real ``extract.prepare`` and checks its keypoints equal the staged ones.
 
@@ -50,7 +50,7 @@ from dift_sfm.images import decode_image, read_header, resize_image  # noqa: E40
 from dift_sfm.keypoints import detect_keypoints  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
-LANDED = {"preprocessing.detect_max": None, "preprocessing.reduced_decode": False}
+LANDED = {"preprocessing.detect_max": None, "preprocessing.reduced_decode": None}
 
 
 def landed_decode(data: bytes) -> np.ndarray:
@@ -176,7 +176,7 @@ def run_memory(args: argparse.Namespace) -> dict:
             if size in args.landed_sizes:
                 runs.append(("dift-sd e232955", runs[1][1] + [
                     "--set", "preprocessing.detect_max=null", "--set",
-                    "preprocessing.reduced_decode=false", "--set", "preprocessing.memory_mb=null"]))
+                    "preprocessing.reduced_decode=null", "--set", "preprocessing.memory_mb=null"]))
             for label, extra in runs:
                 conf = label.split()[0]
                 cmd = [sys.executable, "-m", "dift_sfm.cli", "extract", str(folder), "-o",

@@ -31,9 +31,10 @@ JPEG_REDUCTIONS = (1, 2, 4, 8)
 #: - ``detect_max``: longer side (px, or None) of the image the detector sees, after
 #:   ``resize_max`` (hloc's SIFT conf detects at 1600 px, COLMAP at 3200 px); keypoints are
 #:   mapped back to original pixels;
-#: - ``reduced_decode``: decode a JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) when
-#:   every image the conf needs (the featurizer's input, ``detect_max``, ``resize_max``) still
-#:   fits in it; a resize then starts from the reduced image;
+#: - ``reduced_decode`` (true; null: off, as in files written before it existed): decode a
+#:   JPEG at 1/2, 1/4 or 1/8 size (libjpeg's DCT scaling) when every image the conf needs
+#:   (the featurizer's input, ``detect_max``, ``resize_max``) still fits in it; resizes then
+#:   start from the reduced image;
 #: - ``memory_mb``: budget (MiB) of the estimated peak memory to prepare ONE image (decode,
 #:   resize, detect); an image over it is refused before it is decoded, with one line naming
 #:   it (None: no budget). The preparation pool holds up to ``num_workers`` images at once.
@@ -41,7 +42,7 @@ JPEG_REDUCTIONS = (1, 2, 4, 8)
 #:   descriptors as float16; ``num_workers``: workers that read, resize and detect ahead of
 #:   the featurizer (None: min(8, CPU cores); 0: none), threads or spawned processes
 #:   (``worker_type``: 'thread' | 'process').
-PREPROCESSING_DEFAULTS = {"resize_max": None, "detect_max": None, "reduced_decode": False,
+PREPROCESSING_DEFAULTS = {"resize_max": None, "detect_max": None, "reduced_decode": None,
                           "memory_mb": 4096, "min_size": 16, "as_half": False,
                           "num_workers": None, "worker_type": "thread"}
 
