@@ -1,8 +1,8 @@
 """Image preparation cost per image per core (decode, resize, detect), before/after, and the
 cores one GPU needs; with ``--memory``, the peak memory of `dift-sfm extract` on big photos.
 
-Stages, one thread (OpenCV single-threaded), best of ``--repeats`` per image, median over the
-images of each size:
+Stages, one thread (OpenCV single-threaded), CPU time of that thread (``time.thread_time``),
+best of ``--repeats`` per image, median over the images of each size:
 - ``decode``: file bytes -> float32 RGB (the header read and plan included, after);
 - ``resize``: ``resize_max`` (the featurizer's image), then ``detect_max`` (the detector's);
 - ``detect``: DoG at the detector's size (``keypoints.max_keypoints`` 4096).
@@ -20,6 +20,16 @@ default 11: DIFT-SD alone on an H200, docs/benchmarks.md).
 
     python benchmarks/bench_prepare.py                      # a few minutes on 2 cores
     python benchmarks/bench_prepare.py --memory --sizes 12 24 48 108
+    python benchmarks/bench_prepare.py --quality
+
+``--quality``: what bounded detection does to the keypoints (weight-free): repeatability
+(share of keypoints, in the part both images see, with a keypoint of the other image within
+3 px once warped by the ground-truth homography) and localisation error (mean distance of
+those) of full-resolution OpenCV DoG (the DIFT confs at e232955) against the new detection,
+4096 keypoints, on the shared HPatches and Oxford pairs and on the 12 MP photos warped by
+random homographies (JPEG q95). The shared pairs are at most 1000 px, where the DIFT confs'
+detect_max=1600 changes nothing (checked); so they are also run at
+``detect_max = long side / 2.52``, the reduction 4032 -> 1600 px of a 12 MP photo.
 
 The last line printed is one JSON object.
 """
@@ -62,21 +72,23 @@ def landed_decode(data: bytes) -> np.ndarray:
 
 
 def staged(path: Path, conf: dict, landed: bool) -> tuple[dict[str, float], int]:
-    """Seconds of each stage for one image, and the number of keypoints."""
+    """CPU seconds of this thread in each stage for one image (so a loaded machine inflates
+    them far less than wall time), and the number of keypoints."""
     pre = conf["preprocessing"]
-    t0 = time.perf_counter()
+    clock = time.thread_time
+    t0 = clock()
     data = path.read_bytes()
     if landed:
         image = landed_decode(data)
     else:
         plan = plan_preparation(read_header(data), conf)
         image = decode_image(data, path, plan.reduce)
-    t1 = time.perf_counter()
+    t1 = clock()
     described, _ = resize_image(image, pre["resize_max"])
     detected, _ = resize_image(described, pre["detect_max"])
-    t2 = time.perf_counter()
+    t2 = clock()
     kpts = detect_keypoints(detected, conf["keypoints"])
-    t3 = time.perf_counter()
+    t3 = clock()
     return {"decode": t1 - t0, "resize": t2 - t1, "detect": t3 - t2}, len(kpts)
 
 
@@ -191,6 +203,119 @@ def run_memory(args: argparse.Namespace) -> dict:
     return results
 
 
+def nearest(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Distance from each point of ``a`` (N, 2) to the nearest of ``b`` (M, 2)."""
+    if not len(b):
+        return np.full(len(a), np.inf)
+    out = np.empty(len(a))
+    for i in range(0, len(a), 1024):
+        d = ((a[i:i + 1024, None, :] - b[None]) ** 2).sum(-1)
+        out[i:i + 1024] = np.sqrt(d.min(1))
+    return out
+
+
+def repeatability(k0: np.ndarray, k1: np.ndarray, H: np.ndarray, size0: tuple[int, int],
+                  size1: tuple[int, int], eps: float = 3.0) -> tuple[float, float]:
+    """(repeatability, mean localisation error px) of keypoints k0 (image 0) and k1 (image 1)
+    under H (image-0 to image-1 pixels), counted where both images see."""
+    from dift_sfm.geometry import warp_points
+
+    def inside(p: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+        return ((p[:, 0] >= -0.5) & (p[:, 0] <= size[0] - 0.5) & (p[:, 1] >= -0.5)
+                & (p[:, 1] <= size[1] - 0.5))
+
+    w0 = warp_points(H, k0)
+    w1 = warp_points(np.linalg.inv(H), k1)
+    a, b = w0[inside(w0, size1)], k1[inside(w1, size0)]
+    if not len(a) or not len(b):
+        return 0.0, float("nan")
+    d = nearest(a, b)
+    hit = d < eps
+    return float(hit.sum() / min(len(a), len(b))), float(d[hit].mean()) if hit.any() else 0.0
+
+
+def warped_12mp_pairs(tmp: Path) -> list[tuple[Path, Path, np.ndarray]]:
+    """Each 12 MP photo and a copy warped by a random homography (seeded), JPEG q95."""
+    rng = np.random.default_rng(0)
+    pairs = []
+    for i, src in enumerate(sorted((DATA / "photos_12mp").glob("*.JPG"))[:args_n_photos]):
+        img = cv2.imread(str(src), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
+        h, w = img.shape[:2]
+        corners = np.array([[0, 0], [w, 0], [w, h], [0, h]], np.float32)
+        moved = corners + rng.uniform(-0.12, 0.12, (4, 2)).astype(np.float32) * [w, h]
+        centre = np.array([w / 2, h / 2], np.float32)
+        moved = (moved - centre) * rng.uniform(0.8, 1.1) + centre
+        # warpPerspective works in pixel-centre coordinates: H maps image-0 to image-1 pixels
+        H = cv2.getPerspectiveTransform(corners - 0.5, moved - 0.5).astype(np.float64)
+        dst = tmp / f"warped_{i}.jpg"
+        cv2.imwrite(str(dst), cv2.warpPerspective(img, H, (w, h), flags=cv2.INTER_LINEAR),
+                    [cv2.IMWRITE_JPEG_QUALITY, 95])
+        pairs.append((src, dst, H))
+    return pairs
+
+
+args_n_photos = 3
+
+
+def run_quality(args: argparse.Namespace) -> dict:
+    from dift_sfm.eval.datasets import common_base, find_sequences, homography_pairs
+
+    cv2.setNumThreads(max(1, os.cpu_count() or 1))
+
+    def detect(path: Path, conf: dict) -> tuple[np.ndarray, tuple[int, int]]:
+        got = prepare(path, conf, path.name)
+        return got.keypoints.xy.astype(np.float64), got.image_size
+
+    landed, new = get_conf("dift-sd", LANDED), get_conf("dift-sd")
+    sets: dict[str, list[tuple[Path, Path, np.ndarray]]] = {}
+    for label, root in (("hpatches", DATA / "hpatches"), ("oxford", DATA / "oxford_affine")):
+        if root.is_dir():
+            seqs = find_sequences(root)
+            base = common_base(seqs)
+            sets[label] = [(base / p.name0, base / p.name1, p.H) for p in homography_pairs(
+                seqs, base)]
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        if (DATA / "photos_12mp").is_dir():
+            sets["photos_12mp warped"] = warped_12mp_pairs(Path(tmp))
+        for label, pairs in sets.items():
+            cache: dict[tuple[str, str], tuple[np.ndarray, tuple[int, int]]] = {}
+
+            def kp(path: Path, variant: str, cache=cache) -> tuple[np.ndarray, tuple[int, int]]:
+                key = (str(path), variant)
+                if key not in cache:
+                    size = read_header(path.read_bytes()).size
+                    conf = {"full-res DoG (e232955)": landed, "dift-sd default": new}.get(
+                        variant) or get_conf("dift-sd", {"preprocessing.detect_max":
+                                                          round(max(size) / 2.52)})
+                    cache[key] = detect(path, conf)
+                return cache[key]
+
+            variants = ["full-res DoG (e232955)", "dift-sd default"]
+            if label != "photos_12mp warped":
+                variants.append("detect_max = long side / 2.52")
+            for variant in variants:
+                reps, locs, counts, agree, offs = [], [], [], [], []
+                for p0, p1, H in pairs:
+                    (k0, s0), (k1, s1) = kp(p0, variant), kp(p1, variant)
+                    rep, loc = repeatability(k0, k1, H, s0, s1)
+                    reps.append(rep)
+                    locs.append(loc)
+                    counts.append((len(k0) + len(k1)) / 2)
+                    ref = kp(p0, variants[0])[0]
+                    d = nearest(k0, ref)
+                    agree.append(float((d < 2).mean()))
+                    offs.append(float(np.median(d)))
+                rec = {"pairs": len(pairs), "repeatability": round(float(np.mean(reps)), 3),
+                       "loc_error_px": round(float(np.nanmean(locs)), 3),
+                       "keypoints": round(float(np.mean(counts))),
+                       "share_within_2px_of_full_res": round(float(np.mean(agree)), 3),
+                       "median_dist_to_full_res_px": round(float(np.mean(offs)), 3)}
+                results[f"{label}: {variant}"] = rec
+                print(json.dumps({"row": f"{label}: {variant}", **rec}), flush=True)
+    return results
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=None,
@@ -198,6 +323,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--gpu-img-per-s", type=float, default=11.0)
     parser.add_argument("--memory", action="store_true", help="peak RSS of `dift-sfm extract`")
+    parser.add_argument("--quality", action="store_true",
+                        help="repeatability / localisation of bounded detection")
     parser.add_argument("--landed-sizes", type=int, nargs="*", default=[12],
                         help="with --memory: sizes also run with the landed dift-sd settings "
                              "(full-resolution DoG: ~6 GB at 24 MP, ~24 GB at 108 MP)")
@@ -205,9 +332,10 @@ def main() -> None:
     args = parser.parse_args()
     if args.sizes is None:
         args.sizes = [12, 24, 48, 108] if args.memory else [1, 12, 24]
-    results = run_memory(args) if args.memory else run_costs(args)
+    mode = "quality" if args.quality else "memory" if args.memory else "costs"
+    results = {"quality": run_quality, "memory": run_memory, "costs": run_costs}[mode](args)
     print(json.dumps({
-        "benchmark": "prepare_memory" if args.memory else "prepare_costs",
+        "benchmark": f"prepare_{mode}",
         "results": results, "gpu_img_per_s": args.gpu_img_per_s,
         "machine": f"{platform.node()} {os.cpu_count()} cores",
         "load": os.getloadavg(), "date": datetime.date.today().isoformat(),
