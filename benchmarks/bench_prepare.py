@@ -203,21 +203,23 @@ def run_memory(args: argparse.Namespace) -> dict:
     return results
 
 
-def nearest(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Distance from each point of ``a`` (N, 2) to the nearest of ``b`` (M, 2)."""
+def nearest(a: np.ndarray, b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For each point of ``a`` (N, 2): distance to, and index of, the nearest of ``b``."""
     if not len(b):
-        return np.full(len(a), np.inf)
-    out = np.empty(len(a))
+        return np.full(len(a), np.inf), np.zeros(len(a), int)
+    dist, idx = np.empty(len(a)), np.empty(len(a), int)
     for i in range(0, len(a), 1024):
         d = ((a[i:i + 1024, None, :] - b[None]) ** 2).sum(-1)
-        out[i:i + 1024] = np.sqrt(d.min(1))
-    return out
+        idx[i:i + 1024] = d.argmin(1)
+        dist[i:i + 1024] = np.sqrt(d[np.arange(len(d)), idx[i:i + 1024]])
+    return dist, idx
 
 
 def repeatability(k0: np.ndarray, k1: np.ndarray, H: np.ndarray, size0: tuple[int, int],
                   size1: tuple[int, int], eps: float = 3.0) -> tuple[float, float]:
     """(repeatability, mean localisation error px) of keypoints k0 (image 0) and k1 (image 1)
-    under H (image-0 to image-1 pixels), counted where both images see."""
+    under H (image-0 to image-1 pixels): mutual nearest neighbours within ``eps`` px, in image
+    1, among the keypoints both images see, over the smaller of the two counts."""
     from dift_sfm.geometry import warp_points
 
     def inside(p: np.ndarray, size: tuple[int, int]) -> np.ndarray:
@@ -229,8 +231,9 @@ def repeatability(k0: np.ndarray, k1: np.ndarray, H: np.ndarray, size0: tuple[in
     a, b = w0[inside(w0, size1)], k1[inside(w1, size0)]
     if not len(a) or not len(b):
         return 0.0, float("nan")
-    d = nearest(a, b)
-    hit = d < eps
+    d, ab = nearest(a, b)
+    _, ba = nearest(b, a)
+    hit = (d < eps) & (ba[ab] == np.arange(len(a)))
     return float(hit.sum() / min(len(a), len(b))), float(d[hit].mean()) if hit.any() else 0.0
 
 
@@ -246,7 +249,8 @@ def warped_12mp_pairs(tmp: Path) -> list[tuple[Path, Path, np.ndarray]]:
         centre = np.array([w / 2, h / 2], np.float32)
         moved = (moved - centre) * rng.uniform(0.8, 1.1) + centre
         # warpPerspective works in pixel-centre coordinates: H maps image-0 to image-1 pixels
-        H = cv2.getPerspectiveTransform(corners - 0.5, moved - 0.5).astype(np.float64)
+        H = cv2.getPerspectiveTransform((corners - 0.5).astype(np.float32),
+                                        (moved - 0.5).astype(np.float32)).astype(np.float64)
         dst = tmp / f"warped_{i}.jpg"
         cv2.imwrite(str(dst), cv2.warpPerspective(img, H, (w, h), flags=cv2.INTER_LINEAR),
                     [cv2.IMWRITE_JPEG_QUALITY, 95])
@@ -303,7 +307,7 @@ def run_quality(args: argparse.Namespace) -> dict:
                     locs.append(loc)
                     counts.append((len(k0) + len(k1)) / 2)
                     ref = kp(p0, variants[0])[0]
-                    d = nearest(k0, ref)
+                    d = nearest(k0, ref)[0]
                     agree.append(float((d < 2).mean()))
                     offs.append(float(np.median(d)))
                 rec = {"pairs": len(pairs), "repeatability": round(float(np.mean(reps)), 3),
