@@ -55,7 +55,8 @@ class ImageHeader:
         size: (W, H) on the raw pixel grid (EXIF orientation ignored, as when decoded).
         channels: samples per pixel in the file (1 grey, 3 colour, 4 with alpha).
         sample_bytes: bytes per sample once decoded (1, or 2 for 16-bit files).
-        jpeg: a baseline/progressive JPEG, which libjpeg can decode at reduced size.
+        jpeg: an 8-bit baseline, extended or progressive JPEG, which libjpeg can decode at
+            reduced size.
     """
 
     size: tuple[int, int]
@@ -84,7 +85,9 @@ def _jpeg_header(data: bytes) -> ImageHeader | None:
             h = int.from_bytes(data[i + 5:i + 7], "big")
             w = int.from_bytes(data[i + 7:i + 9], "big")
             bits, comps = data[i + 4], data[i + 9]
-            return ImageHeader((w, h), comps, 2 if bits > 8 else 1, jpeg=bits <= 8)
+            # DCT scaling: 8-bit baseline, extended or progressive (not lossless/arithmetic)
+            scalable = bits == 8 and marker in (0xC0, 0xC1, 0xC2)
+            return ImageHeader((w, h), comps, 2 if bits > 8 else 1, jpeg=scalable)
         i += 2 + length
     return None
 
