@@ -122,7 +122,7 @@ class PreparePlan:
     reduce: int  # JPEG decode reduction (1: full size)
     decoded: tuple[int, int]
     described: tuple[int, int]  # what the featurizer sees (after resize_max)
-    detected: tuple[int, int]  # what the detector sees (after detect_max)
+    detected: tuple[int, int]  # what the detector sees (after detect_max; 0x0: imported)
     peak_bytes: int  # estimated peak memory of the preparation
 
     def summary(self) -> str:
@@ -149,8 +149,9 @@ def plan_preparation(header: ImageHeader, conf: dict) -> PreparePlan:
     """
     pre = conf["preprocessing"]
     size = header.size
+    detector = conf["keypoints"].get("name")
     described = resized_size(size, pre["resize_max"])
-    detected = resized_size(described, pre.get("detect_max"))
+    detected = (0, 0) if detector == "import" else resized_size(described, pre.get("detect_max"))
     reduce = 1
     if pre.get("reduced_decode"):
         dense = featurizer_needs(conf["featurizer"], size)
@@ -161,7 +162,8 @@ def plan_preparation(header: ImageHeader, conf: dict) -> PreparePlan:
     decoded = (-(-size[0] // reduce), -(-size[1] // reduce))
     if reduce > 1:
         described = resized_size(decoded, pre["resize_max"])
-        detected = resized_size(described, pre.get("detect_max"))
+        detected = (0, 0) if detector == "import" else resized_size(described,
+                                                                     pre.get("detect_max"))
     # decoded samples, RGB uint8 copy and its float32 image; the resized copies; the
     # detector's float and grey images and its own scale space
     px = decoded[0] * decoded[1]
@@ -170,8 +172,7 @@ def plan_preparation(header: ImageHeader, conf: dict) -> PreparePlan:
     if described != decoded:
         peak += described[0] * described[1] * 12
     det = detected[0] * detected[1]
-    peak += det * (12 + 5 + DOG_BYTES_PER_PIXEL) if conf["keypoints"].get("name") in (
-        "dog", "sift") else det * 24
+    peak += det * (12 + 5 + DOG_BYTES_PER_PIXEL) if detector in ("dog", "sift") else det * 24
     return PreparePlan(size, reduce, decoded, described, detected, int(peak))
 
 
