@@ -217,3 +217,27 @@ def test_import_keypoints_reads_through_the_step(tmp_path):
     want = top_k(Keypoints(xy, scores), 50)
     assert np.array_equal(got.xy, want.xy) and len(got) == 50
     assert np.array_equal(import_keypoints("a.jpg", src).xy, xy)
+
+
+def test_matches_of_features_before_bounded_detection_are_refused(tmp_path):
+    """Features re-extracted with detect_max (another file, or --overwrite) no longer match
+    the matches computed from the older features: `match` refuses to extend them."""
+    from dift_sfm.match import conf_for_matching, match_features
+    from dift_sfm.pairs import exhaustive_pairs, write_pairs
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i in range(3):
+        cv2.imwrite(str(folder / f"{i}.jpg"), texture(240, 320, seed=i))
+    old = extract_features(get_conf("sift", {"keypoints.max_keypoints": 200}), folder,
+                           tmp_path / "f.h5")
+    pairs = tmp_path / "pairs.txt"
+    write_pairs(pairs, exhaustive_pairs(list_names(old)))
+    m = match_features(conf_for_matching(old), pairs, old, tmp_path / "m.h5")
+    new = extract_features(get_conf("sift", {"keypoints.max_keypoints": 200,
+                                             "preprocessing.detect_max": 160}),
+                           folder, tmp_path / "f.h5", overwrite=True)
+    with FeaturesReader(new) as f:
+        assert f.conf["preprocessing"]["detect_max"] == 160
+    with pytest.raises(StaleOutputError, match="computed from other features"):
+        match_features(conf_for_matching(new), pairs, new, m)
