@@ -468,9 +468,9 @@ step match_sd 45 "$PYTHON" "$WORK/timed_cli.py" match "$WORK/pairs.txt" --featur
 IMAGES12="$WORK/images_12mp"
 mkdir -p "$IMAGES12"
 step images_12mp 30 "$PYTHON" "$WORK/make_12mp.py" "$IMAGES12" "$N_12MP" "${IMAGE_DIR_12MP:-}"
-step extract_sd_12mp 90 "$PYTHON" "$WORK/timed_cli.py" extract "$IMAGES12" -o "$WORK/feats-sd-12mp.h5" \
+step extract_sd_12mp 75 "$PYTHON" "$WORK/timed_cli.py" extract "$IMAGES12" -o "$WORK/feats-sd-12mp.h5" \
     --conf dift-sd --device "$DEV" "${SD_MODEL_ARGS[@]}" "${SD_SET[@]}" --overwrite
-step prepare_12mp 150 "$PYTHON" benchmarks/bench_prepare.py --sizes 12 --repeats 1
+step prepare_12mp 90 "$PYTHON" benchmarks/bench_prepare.py --sizes 12 --repeats 1
 
 # ------------------------------------------------------------------ ADM
 step bench_adm 120 "$PYTHON" benchmarks/bench_adm.py "${ADM_BENCH[@]}"
