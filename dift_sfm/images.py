@@ -113,18 +113,15 @@ def read_header(data: bytes | np.ndarray) -> ImageHeader | None:
         return _png_header(head)
     try:
         import io
-        import warnings
 
         from PIL import Image
     except ImportError:
         return None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            with Image.open(io.BytesIO(bytes(data))) as im:
-                bands = len(im.getbands())
-                deep = im.mode in ("I", "I;16", "I;16B", "F") or "16" in im.mode
-                return ImageHeader(tuple(im.size), bands, 2 if deep else 1)
+    try:  # (no warnings filter here: it is process-global and preparation runs in threads)
+        with Image.open(io.BytesIO(bytes(data))) as im:
+            bands = len(im.getbands())
+            deep = im.mode in ("I", "I;16", "I;16B", "F") or "16" in im.mode
+            return ImageHeader(tuple(im.size), bands, 2 if deep else 1)
     except Exception:  # noqa: BLE001 - any failure: unknown, the decoder gives the error
         return None
 
