@@ -20,7 +20,8 @@
 # TORCHINDUCTOR_CACHE_DIR below it), so a later step compiles warm what an earlier compiled.
 #
 # Environment: OUT (default ./gpu_out), IMAGE_DIR (default: photos from ../shared/data, else
-# synthetic ones), BUDGET_S (total seconds, default 470: with a machine's start, 8 minutes),
+# synthetic ones), IMAGE_DIR_12MP (12 MP JPEGs; default ../shared/data/photos_12mp, else one
+# synthetic 4032x3024 JPEG, copied to 48 names), BUDGET_S (total seconds, default 470: with a machine's start, 8 minutes),
 # PYTHON, WORK (scratch folder for the random models; default a temporary folder outside
 # $OUT), LOGS (default $WORK/logs), DIFT_SFM_CACHE, SMOKE=1 (= --smoke); caps MATCH_CAP,
 # SD_B1_CAP, SD_B4_CAP.
@@ -141,7 +142,7 @@ try:
                      f"first call (compile) {num(first_s)} s, then the step ended", ""))
 except Exception as err:
     rows.append(("DIFT-ADM featurizer", "unreadable log", repr(err), ""))
-for name in ("extract_sd", "extract_sd_b4", "extract_adm"):
+for name in ("extract_sd", "extract_sd_12mp", "extract_sd_b4", "extract_adm"):
     r = last_json(name, "images")
     if r:
         rows.append((f"dift-sfm {name.replace('_', ' ')}",
@@ -214,6 +215,16 @@ for rec in json_lines("bench_match"):  # a size cut short after its headline run
                      f"steady {rec.get('steady_pairs_per_s')} pairs/s, read calls "
                      f"{rec.get('read_calls')}, match {num(rec.get('match_s'), '.2f')} s, "
                      "then the step ended", ">= 2000 pairs/s" if cuda else ""))
+prep = (last_json("prepare_12mp", "results") or {}).get("results", {})
+for label in ("dift-sd e232955 @ 12 MP", "dift-sd @ 12 MP", "sift @ 12 MP"):
+    r = prep.get(label)
+    if r:
+        rows.append((f"preparation {label} (one core)",
+                     f"{num(r.get('total_core_s'), '.2f')} core-s/img",
+                     f"decode {num(r.get('decode_s'), '.2f')}, resize "
+                     f"{num(r.get('resize_s'), '.2f')}, detect {num(r.get('detect_s'), '.2f')} s; "
+                     f"{r.get('plan')}; {num(r.get('cores_per_gpu'))} cores per GPU at 11 img/s",
+                     "<= 1.4 core-s/img" if label == "dift-sd @ 12 MP" else ""))
 pipe = last_json("pipeline", "pipeline_img_per_s")
 if pipe:
     rows.append((f"pipelined extract, stand-in featurizer {pipe.get('featurizer_ms')} ms",
@@ -261,6 +272,36 @@ for i in range(len(found[:n]), n):  # photo-like synthetic images: smooth noise 
         cv2.circle(img, tuple(int(v) for v in rng.integers(0, (w, h))), int(rng.integers(5, 80)), c, -1)
     cv2.imwrite(str(out / f"{i:03d}_synthetic.jpg"), img)
 print(f"{len(found[:n])} photos from {[str(r) for r in roots]}, {max(0, n - len(found))} synthetic")
+EOF
+
+# 12 MP photos: the shared phone JPEGs (4032x3024) copied to N names, else a synthetic one
+cat > "$WORK/make_12mp.py" <<'EOF'
+"""N 4032x3024 JPEGs: copies of ../shared/data/photos_12mp (or argv[3]), else synthetic."""
+import shutil
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+out, n, given = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+root = Path(given) if given else Path("..") / "shared" / "data" / "photos_12mp"
+found = sorted(p for p in root.glob("*") if p.suffix.lower() in (".jpg", ".jpeg")) \
+    if root.is_dir() else []
+if not found:  # photo-like synthetic: smooth noise, shapes and fine grain
+    rng = np.random.default_rng(0)
+    img = cv2.resize((rng.random((189, 252, 3)) * 255).astype(np.uint8), (4032, 3024),
+                     interpolation=cv2.INTER_CUBIC)
+    for _ in range(400):
+        c = tuple(int(v) for v in rng.integers(0, 255, 3))
+        centre = tuple(int(v) for v in rng.integers(0, (4032, 3024)))
+        cv2.circle(img, centre, int(rng.integers(5, 200)), c, -1)
+    img += rng.integers(0, 10, img.shape, dtype=np.uint8)
+    found = [Path(sys.argv[1]).parent / "synthetic_12mp.jpg"]
+    cv2.imwrite(str(found[0]), img, [cv2.IMWRITE_JPEG_QUALITY, 92])
+for i in range(n):
+    shutil.copy(found[i % len(found)], out / f"{i:03d}_{found[i % len(found)].name}")
+print(f"{n} 12 MP images from {found[0].parent}")
 EOF
 
 # `dift-sfm ARGS` in-process, timing each featurizer call: one JSON line with the rates.
@@ -384,7 +425,7 @@ if [ "$SMOKE" = 1 ]; then
     DEV=cpu
     SD_BENCH=(--arch tiny --device cpu --size 64 --ensemble 2 --warmup 1 --repeats 2 --isolated)
     ADM_BENCH=(--arch tiny --device cpu --size 64 --ensemble 2 --warmup 0 --repeats 1)
-    ARCH_SD=tiny; ARCH_ADM=tiny; N_IMAGES=6
+    ARCH_SD=tiny; ARCH_ADM=tiny; N_IMAGES=6; N_12MP=3
     SD_SET=(--max-keypoints 256 --set 'featurizer.img_size=[64,64]' --set featurizer.ensemble=2)
     ADM_SET=(--max-keypoints 256 --set 'featurizer.img_size=[64,64]' --set featurizer.ensemble=2
              --set featurizer.output_block=7)
@@ -393,7 +434,7 @@ else
     DEV=cuda
     SD_BENCH=(--device cuda --size 768 --ensemble 8 --warmup 2 --repeats 10)
     ADM_BENCH=(--device cuda --size 768 --ensemble 4 --warmup 2 --repeats 5)
-    ARCH_SD=sd21; ARCH_ADM=adm256; N_IMAGES=32
+    ARCH_SD=sd21; ARCH_ADM=adm256; N_IMAGES=32; N_12MP=48
     SD_SET=(); ADM_SET=()
     MATCH_ARGS=(--device cuda)
 fi
@@ -420,6 +461,16 @@ step extract_sd 90 "$PYTHON" "$WORK/timed_cli.py" extract "$IMAGES" -o "$WORK/fe
 step pairs 30 "$PYTHON" "$WORK/timed_cli.py" pairs exhaustive "$IMAGES" -o "$WORK/pairs.txt"
 step match_sd 45 "$PYTHON" "$WORK/timed_cli.py" match "$WORK/pairs.txt" --features "$WORK/feats-sd.h5" \
     -o "$WORK/matches-sd.h5" --device "$DEV" --overwrite
+
+# ------------------------------------------------------------------ 12 MP photos (issue 21)
+# the default dift-sd conf on camera photos: JPEGs decoded at 1/2, DoG at 1600 px, the
+# preparation pool (min(8, cores) workers) beside the GPU; and the per-core stage costs
+IMAGES12="$WORK/images_12mp"
+mkdir -p "$IMAGES12"
+step images_12mp 30 "$PYTHON" "$WORK/make_12mp.py" "$IMAGES12" "$N_12MP" "${IMAGE_DIR_12MP:-}"
+step extract_sd_12mp 75 "$PYTHON" "$WORK/timed_cli.py" extract "$IMAGES12" -o "$WORK/feats-sd-12mp.h5" \
+    --conf dift-sd --device "$DEV" "${SD_MODEL_ARGS[@]}" "${SD_SET[@]}" --overwrite
+step prepare_12mp 90 "$PYTHON" benchmarks/bench_prepare.py --sizes 12 --repeats 1
 
 # ------------------------------------------------------------------ ADM
 step bench_adm 120 "$PYTHON" benchmarks/bench_adm.py "${ADM_BENCH[@]}"

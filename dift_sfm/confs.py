@@ -53,6 +53,11 @@ TOP_LEVEL = ("name", "output")
 #: the component of a section that names none
 DEFAULT_COMPONENT = {"keypoints": "dog", "featurizer": "sift", "matcher": "mnn"}
 
+#: DIFT confs: the featurizer sees a 768 px input, so a JPEG is decoded at the largest
+#: libjpeg reduction that keeps it, and DoG detects at 1600 px at most (as hloc's SIFT conf);
+#: keypoints stay in original pixels. Measured in docs/benchmarks.md (issue 21).
+DIFT_PREPROCESSING = {"detect_max": 1600, "reduced_decode": True}
+
 confs: dict[str, dict[str, Any]] = {
     # Classical offline baseline: DoG + RootSIFT, matched as hloc's NN-ratio does for SIFT.
     "sift": {
@@ -65,6 +70,7 @@ confs: dict[str, dict[str, Any]] = {
     # DIFT-SD, geometric reference settings (Tang et al. 2023): see featurizers/sd.py.
     "dift-sd": {
         "output": "feats-dift-sd",
+        "preprocessing": dict(DIFT_PREPROCESSING),
         "keypoints": {"name": "dog"},
         "featurizer": {"name": "sd"},
         "matcher": {"name": "mnn", "metric": "cosine"},
@@ -72,6 +78,7 @@ confs: dict[str, dict[str, Any]] = {
     # DIFT-ADM, geometric reference settings: see featurizers/adm.py.
     "dift-adm": {
         "output": "feats-dift-adm",
+        "preprocessing": dict(DIFT_PREPROCESSING),
         "keypoints": {"name": "dog"},
         "featurizer": {"name": "adm"},
         "matcher": {"name": "mnn", "metric": "l2"},

@@ -16,7 +16,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DiftSfmError, FormatError, ImageReadError, PartialFailure
-from .featurizers import Featurizer, get_featurizer
+from .featurizers import DenseFeaturizer, Featurizer, featurizer_class, get_featurizer
+from .featurizers.base import input_size
 from .formats.features import (
     FeaturesReader,
     feature_datasets,
@@ -25,8 +26,18 @@ from .formats.features import (
 )
 from .formats.h5store import ShardedH5Writer
 from .formats.resume import CONF_SECTIONS, may_resume
-from .images import read_image, resize_max, resolve_image_list
-from .keypoints import Keypoints, detect_keypoints, import_keypoints
+from .images import (
+    MAX_PIXELS,
+    ImageHeader,
+    decode_image,
+    jpeg_reduction,
+    read_header,
+    read_image_bytes,
+    resize_image,
+    resized_size,
+    resolve_image_list,
+)
+from .keypoints import Keypoints, detect_keypoints, top_k
 from .planning import featurizer_batch_size, image_batches
 from .progress import progress
 from .streams import ordered_map, run_ahead
@@ -78,25 +89,162 @@ class PreparedImage:
     keypoints_resized: Keypoints  # pixels of ``resized``
 
 
-def prepare_image(image: np.ndarray, conf: dict, name: str | None = None) -> PreparedImage:
-    """Check the size, apply ``preprocessing.resize_max`` and detect (or import) keypoints."""
+def import_keypoints(name: str, path: str | Path | None = None,
+                     max_keypoints: int | None = None) -> Keypoints:
+    """``keypoints.name='import'``: the keypoints of image ``name`` in an existing hloc
+    features file (e.g. SuperPoint's), in ORIGINAL image pixels; scores when it has them
+    (else all 1), the ``max_keypoints`` strongest kept (``keypoints.top_k``)."""
+    if path is None:
+        raise DiftSfmError("keypoints.name='import' needs keypoints.path (an hloc features.h5).")
+    with FeaturesReader(path) as features:
+        xy = features.keypoints(name)
+        try:
+            scores = features.scores(name)
+        except DiftSfmError:
+            scores = np.ones(len(xy), np.float32)
+    return top_k(Keypoints(xy, scores), max_keypoints)
+
+
+#: Peak bytes per pixel of OpenCV's DoG (SIFT detector, which doubles the image first) on an
+#: image of that many pixels: 226-235 B/px measured at 1.9 and 12 MP (docs/benchmarks.md).
+DOG_BYTES_PER_PIXEL = 240
+
+
+@dataclass(frozen=True)
+class PreparePlan:
+    """How one image is prepared, decided from its header before it is decoded.
+
+    Sizes are (W, H). Scales follow ``geometry.scale_pixel_coords`` (new / original size).
+    """
+
+    original: tuple[int, int]
+    reduce: int  # JPEG decode reduction (1: full size)
+    decoded: tuple[int, int]
+    described: tuple[int, int]  # what the featurizer sees (after resize_max)
+    detected: tuple[int, int]  # what the detector sees (after detect_max; 0x0: imported)
+    peak_bytes: int  # estimated peak memory of the preparation
+
+    def summary(self) -> str:
+        return (f"{self.original[0]}x{self.original[1]}, decoded at 1/{self.reduce}, "
+                f"described at {self.described[0]}x{self.described[1]}, detected at "
+                f"{self.detected[0]}x{self.detected[1]}")
+
+
+def featurizer_needs(featurizer_conf: dict, size: tuple[int, int]) -> tuple[int, int] | None:
+    """The smallest (W, H) of an image of ``size`` that loses nothing the featurizer uses: a
+    dense featurizer's network input (``featurizer.img_size``, sides not rounded to the
+    model's multiple); None for a featurizer that reads the image as given (sift)."""
+    if not issubclass(featurizer_class(featurizer_conf.get("name")), DenseFeaturizer):
+        return None
+    return input_size(featurizer_conf.get("img_size"), size, 1)
+
+
+def plan_preparation(header: ImageHeader, conf: dict) -> PreparePlan:
+    """The sizes ``prepare`` works at for an image with ``header`` under ``conf``.
+
+    The described image is the original with ``resize_max`` applied; the detected one that
+    with ``detect_max`` applied. With ``reduced_decode`` a JPEG is decoded at the largest
+    reduction that is still at least both and the featurizer's input, and resized from there.
+    """
+    pre = conf["preprocessing"]
+    size = header.size
+    detector = conf["keypoints"].get("name")
+    described = resized_size(size, pre["resize_max"])
+    detected = (0, 0) if detector == "import" else resized_size(described, pre.get("detect_max"))
+    reduce = 1
+    if pre.get("reduced_decode"):
+        dense = featurizer_needs(conf["featurizer"], size)
+        need_describe = described if dense is None else (min(described[0], dense[0]),
+                                                         min(described[1], dense[1]))
+        need = (max(need_describe[0], detected[0]), max(need_describe[1], detected[1]))
+        reduce = jpeg_reduction(header, need)
+    decoded = (-(-size[0] // reduce), -(-size[1] // reduce))
+    if reduce > 1:
+        described = resized_size(decoded, pre["resize_max"])
+        detected = (0, 0) if detector == "import" else resized_size(described,
+                                                                     pre.get("detect_max"))
+    # decoded samples, RGB uint8 copy and its float32 image; the resized copies; the
+    # detector's float and grey images and its own scale space
+    px = decoded[0] * decoded[1]
+    channels = 3 if reduce > 1 else max(3, header.channels)
+    peak = px * channels * header.sample_bytes * 2 + px * 12
+    if described != decoded:
+        peak += described[0] * described[1] * 12
+    det = detected[0] * detected[1]
+    peak += det * (12 + 5 + DOG_BYTES_PER_PIXEL) if detector in ("dog", "sift") else det * 24
+    return PreparePlan(size, reduce, decoded, described, detected, int(peak))
+
+
+def _check_min_size(size: tuple[int, int], conf: dict, name: str | None) -> None:
+    min_size = conf["preprocessing"]["min_size"]
+    if min(size) < min_size:
+        raise ImageReadError(f"Image {name or ''} is {size[0]}x{size[1]}, smaller than the "
+                             f"{min_size} px minimum of this conf (preprocessing.min_size).")
+
+
+def check_budget(plan: PreparePlan, conf: dict, name: str) -> None:
+    """ImageReadError naming the image when its preparation would exceed the memory budget
+    (``preprocessing.memory_mb``) or the pixel limit, before anything is decoded."""
+    w, h = plan.original
+    budget = conf["preprocessing"].get("memory_mb")
+    if plan.decoded[0] * plan.decoded[1] > MAX_PIXELS:
+        raise ImageReadError(f"Image {name} is too large ({w}x{h}, {w * h / 1e6:.0f} MP; "
+                             f"limit {MAX_PIXELS / 1e6:.0f} MP decoded).")
+    if budget is not None and plan.peak_bytes > budget * 2**20:
+        raise ImageReadError(
+            f"Image {name} ({w}x{h}, {w * h / 1e6:.0f} MP) needs ~{plan.peak_bytes / 2**20:.0f} "
+            f"MiB to prepare ({plan.summary()}), over preprocessing.memory_mb={budget}: raise "
+            "it, or bound the image with preprocessing.resize_max / detect_max "
+            "(reduced_decode=true for JPEGs).")
+
+
+def prepare_image(image: np.ndarray, conf: dict, name: str | None = None,
+                  original: tuple[int, int] | None = None, reduce: int = 1) -> PreparedImage:
+    """Check the size, resize (``resize_max``, then ``detect_max`` for the detector) and
+    detect (or import) keypoints of a decoded image (H, W, 3) float32.
+
+    ``reduce`` > 1: ``image`` is a JPEG of size ``original`` (W, H) decoded at 1/``reduce``
+    (its pixel i covers original pixels [reduce * i, reduce * (i + 1)): points map with scale
+    1 / reduce).
+    """
     pre = conf["preprocessing"]
     kconf = conf["keypoints"]
     h, w = image.shape[:2]
-    min_size = pre["min_size"]
-    if min(h, w) < min_size:
-        raise ImageReadError(f"Image {name or ''} is {w}x{h}, smaller than the "
-                             f"{min_size} px minimum of this conf (preprocessing.min_size).")
-    resized, scale = resize_max(image, pre["resize_max"])
+    ow, oh = original if reduce > 1 and original else (w, h)
+    _check_min_size((ow, oh), conf, name)
+    resized, s_desc = resize_image(image, pre["resize_max"])
+    s_desc = (s_desc[0] / reduce, s_desc[1] / reduce)  # original -> described
     if kconf.get("name") == "import":
         if name is None:
             raise DiftSfmError("Imported keypoints need the image name.")
         kpts = import_keypoints(name, **{k: v for k, v in kconf.items() if k != "name"})
-        kpts_r = kpts.scaled((1 / scale[0], 1 / scale[1]))
+        kpts_r = kpts.scaled(s_desc)
     else:
-        kpts_r = detect_keypoints(resized, kconf)
-        kpts = kpts_r.scaled(scale)
-    return PreparedImage(name or "", (w, h), resized, kpts, kpts_r)
+        detected, s_det = resize_image(resized, pre.get("detect_max"))
+        kpts_d = detect_keypoints(detected, kconf)
+        del detected
+        kpts_r = kpts_d.scaled((1 / s_det[0], 1 / s_det[1]))
+        kpts = kpts_d.scaled((1 / (s_det[0] * s_desc[0]), 1 / (s_det[1] * s_desc[1])))
+    return PreparedImage(name or "", (ow, oh), resized, kpts, kpts_r)
+
+
+def prepare(source: Path | bytes, conf: dict, name: str, path: Path | str | None = None
+            ) -> PreparedImage:
+    """Read (a path) or take (bytes) an image file and prepare it: the header gives its size,
+    the plan (``plan_preparation``) its decode reduction, and an image over the memory
+    budget is refused before it is decoded. ``path`` names it in errors (default: source)."""
+    path = path or source
+    data = read_image_bytes(Path(source)) if isinstance(source, (str, Path)) else source
+    header = read_header(data)
+    reduce = 1
+    if header is not None:
+        _check_min_size(header.size, conf, name)
+        plan = plan_preparation(header, conf)
+        check_budget(plan, conf, str(path))
+        reduce = plan.reduce
+    image = decode_image(data, path, reduce)
+    del data
+    return prepare_image(image, conf, name, header.size if header else None, reduce)
 
 
 def default_workers() -> int:
@@ -110,7 +258,7 @@ def load_prepared(image_dir: Path, name: str, conf: dict) -> PreparedImage | Ima
     Top-level (picklable) so that a process pool can run it.
     """
     try:
-        return prepare_image(read_image(image_dir / name), conf, name)
+        return prepare(image_dir / name, conf, name)
     except ImageReadError as err:
         return err
 

@@ -1,4 +1,6 @@
-"""Keypoint detectors: DoG (OpenCV SIFT), Harris/GFTT, a regular grid, or imported from h5.
+"""Keypoint detectors: DoG (OpenCV SIFT), Harris/GFTT, a regular grid; and the options of
+keypoints imported from an hloc features file (read by the extraction step, which owns file
+access: ``dift_sfm.extract.import_keypoints``).
 
 Every detector returns a :class:`Keypoints` in the coordinates of the image it was given:
 (x, y), pixel centres at integer coordinates.
@@ -8,7 +10,6 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass
-from pathlib import Path
 
 import cv2
 import numpy as np
@@ -37,7 +38,9 @@ class Keypoints:
         return len(self.xy)
 
     def scaled(self, scale: tuple[float, float]) -> Keypoints:
-        """Map to another frame: x' = (x + 0.5) * sx - 0.5 (sizes scale with the mean scale)."""
+        """Map to a copy of the image resized by ``scale`` = (sx, sy) = new / old size:
+        x' = (x + 0.5) * sx - 0.5 (``geometry.scale_pixel_coords``); sizes scale with the mean
+        scale."""
         s = np.asarray(scale, np.float32)
         sizes = None if self.sizes is None else self.sizes * float(s.mean())
         xy = scale_pixel_coords(np.asarray(self.xy, np.float32), s)
@@ -49,7 +52,9 @@ def _to_uint8_gray(image: np.ndarray) -> np.ndarray:
     return np.clip(gray * 255.0 + 0.5, 0, 255).astype(np.uint8)
 
 
-def _top_k(kpts: Keypoints, k: int | None) -> Keypoints:
+def top_k(kpts: Keypoints, k: int | None) -> Keypoints:
+    """The ``k`` highest-scoring keypoints, strongest first (ties keep their order); all of
+    them when ``k`` is None, 0 or at least their number."""
     if not k or k <= 0 or len(kpts) <= k:
         return kpts
     idx = np.argsort(-kpts.scores, kind="stable")[:k]
@@ -81,7 +86,7 @@ def detect_dog(image: np.ndarray, max_keypoints: int | None = 4096,
         _, first = np.unique(np.round(xy * 8).astype(np.int64), axis=0, return_index=True)
         first = np.sort(first)
         kpts = Keypoints(xy[first], scores[first], sizes[first], angles[first])
-    return _top_k(kpts, max_keypoints)
+    return top_k(kpts, max_keypoints)
 
 
 def detect_gftt(image: np.ndarray, max_keypoints: int | None = 4096, quality_level: float = 0.001,
@@ -100,7 +105,7 @@ def detect_gftt(image: np.ndarray, max_keypoints: int | None = 4096, quality_lev
                 else cv2.cornerMinEigenVal(gray.astype(np.float32), block_size))
     ix = np.clip(np.round(xy).astype(int), 0, [gray.shape[1] - 1, gray.shape[0] - 1])
     scores = response[ix[:, 1], ix[:, 0]].astype(np.float32)
-    return _top_k(Keypoints(xy, scores, np.full(len(xy), size, np.float32)), max_keypoints)
+    return top_k(Keypoints(xy, scores, np.full(len(xy), size, np.float32)), max_keypoints)
 
 
 def detect_grid(image: np.ndarray, step: int = 16, max_keypoints: int | None = None,
@@ -120,29 +125,11 @@ def detect_grid(image: np.ndarray, step: int = 16, max_keypoints: int | None = N
     return Keypoints(xy, np.ones(len(xy), np.float32), np.full(len(xy), size, np.float32))
 
 
-def import_keypoints(name: str, path: str | Path | None = None,
-                     max_keypoints: int | None = None) -> Keypoints:
-    """Keypoints of image ``name`` from an existing hloc features file (e.g. SuperPoint's).
-
-    These are in ORIGINAL image pixels already; scores are read when present.
-    """
-    from .formats.features import read_keypoints, read_scores
-
-    if path is None:
-        raise DiftSfmError("keypoints.name='import' needs keypoints.path (an hloc features.h5).")
-    xy = read_keypoints(path, name)
-    try:
-        scores = read_scores(path, name)
-    except DiftSfmError:
-        scores = np.ones(len(xy), np.float32)
-    if max_keypoints and len(xy) > max_keypoints:
-        idx = np.argsort(-scores, kind="stable")[:max_keypoints]
-        xy, scores = xy[idx], scores[idx]
-    return Keypoints(xy, scores)
-
-
 DETECTORS = {"dog": detect_dog, "sift": detect_dog, "gftt": detect_gftt, "harris": detect_gftt,
-             "grid": detect_grid, "import": import_keypoints}
+             "grid": detect_grid}
+#: Options of ``keypoints.name='import'``: ``path``, an hloc features.h5 whose keypoints (in
+#: original pixels, scores when present) are used; ``max_keypoints``, the strongest kept.
+IMPORT_DEFAULTS = {"path": None, "max_keypoints": None}
 _FORCED = {"harris": {"harris": True}, "gftt": {"harris": False}}  # names that fix an option
 
 
@@ -151,9 +138,11 @@ def detector_defaults(name: str) -> dict:
 
     The defaults are the detector function's keyword defaults: they live in one place.
     """
+    if name == "import":
+        return {"name": name, **IMPORT_DEFAULTS}
     if name not in DETECTORS:
         raise DiftSfmError(f"Unknown keypoint detector '{name}'. "
-                           f"Available: {', '.join(DETECTORS)}.")
+                           f"Available: {', '.join([*DETECTORS, 'import'])}.")
     skip = {"image", "name"} | set(_FORCED.get(name, {}))
     params = inspect.signature(DETECTORS[name]).parameters.values()
     return {"name": name, **{p.name: p.default for p in params
@@ -163,11 +152,12 @@ def detector_defaults(name: str) -> dict:
 def detect_keypoints(image: np.ndarray, conf: dict) -> Keypoints:
     """Run the detector named by ``conf['name']`` on ``image`` (H, W, 3) or (H, W) in [0, 1].
 
-    Detector 'import' is not handled here (it needs the image name): see ``import_keypoints``.
+    Detector 'import' is not handled here (it reads a file by image name): see
+    ``dift_sfm.extract.import_keypoints``.
     """
     name = conf.get("name", "dog")
-    if name not in DETECTORS or name == "import":
+    if name not in DETECTORS:
         raise DiftSfmError(f"Unknown keypoint detector '{name}'. "
-                           f"Available: {', '.join(n for n in DETECTORS if n != 'import')}.")
+                           f"Available: {', '.join(DETECTORS)}.")
     options = {k: v for k, v in conf.items() if k != "name"} | _FORCED.get(name, {})
     return DETECTORS[name](image, **options)

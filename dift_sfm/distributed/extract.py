@@ -1,9 +1,9 @@
 """Extraction on a Ray cluster: ``RayExtractBackend`` (driver side) and its workers.
 
-Preparation (decode, ``resize_max``, keypoints) runs as Ray tasks on the cluster's CPUs;
-description in model-holding actors (``DescribeWorker``). Images are cut into featurizer
-batches by ``planning.ImageBatcher``, the rule ``extract.LocalBackend`` follows, so batched
-featurizers give identical numbers.
+Preparation (``extract.prepare``: header, decode, resize, keypoints) runs as Ray tasks on the
+cluster's CPUs; description in model-holding actors (``DescribeWorker``). Images are cut into
+featurizer batches by ``planning.ImageBatcher``, the rule ``extract.LocalBackend`` follows, so
+batched featurizers give identical numbers.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DiftSfmError, ImageReadError
-from ..images import decode_image, read_image_bytes
+from ..images import read_image_bytes
 from ..planning import ImageBatcher, Unit, featurizer_batch_size
 from .cluster import RayOptions, _cluster_plan, _limit_threads, _Pool, _unwrap, connect, wants_gpu
 
@@ -30,12 +30,11 @@ def _prepare(source: bytes | str, path: str, conf: dict, name: str):
     ``source`` is the file's bytes or, with a shared filesystem, its path. ImageReadError is a
     per-image outcome; another DiftSfmError stops the run (as it does locally).
     """
-    from ..extract import prepare_image
-    from ..images import read_image
+    from ..extract import prepare
 
     try:
-        image = read_image(source) if isinstance(source, str) else decode_image(source, path)
-        return None, prepare_image(image, conf, name)
+        return None, prepare(Path(source) if isinstance(source, str) else source, conf, name,
+                             path)
     except DiftSfmError as err:
         return err, None
 

@@ -19,6 +19,7 @@ from ..formats.features import FeaturesReader, feature_datasets, is_complete_fea
 from ..formats.h5store import ShardedH5Writer
 from ..formats.resume import CONF_SECTIONS, settings_tag
 from ..geometry import scale_pixel_coords
+from ..images import decode_raw, read_header, read_image_bytes, resize_image, resized_size
 
 
 def conf_tag(conf: dict) -> str:
@@ -34,26 +35,23 @@ def resized_name(name: str) -> str:
 
 
 def resize_short_side(src: Path, dst: Path, short_side: int) -> tuple[float, float]:
-    """Write ``src`` resized so its short side is ``short_side`` px to ``dst`` (PNG, skipped
-    when an up-to-date copy exists). Returns the scale (sx, sy) = new / old size."""
-    image = cv2.imread(str(src), cv2.IMREAD_UNCHANGED | cv2.IMREAD_IGNORE_ORIENTATION)
-    if image is None:
-        raise DiftSfmError(f"Could not read image {src}.")
+    """Cache ``src`` resized (``images.resize_image``, up or down) so its short side is
+    ``short_side`` px, as ``dst`` (PNG, same sample type; kept when a copy of that size is
+    there). Returns the scale (sx, sy) = new / original size."""
+    image = decode_raw(read_image_bytes(Path(src)), src)
     h, w = image.shape[:2]
-    ratio = short_side / min(h, w)
-    nw, nh = max(1, round(w * ratio)), max(1, round(h * ratio))
+    nw, nh = resized_size((w, h), short_side, short=True, upscale=True)
     if dst.exists():
-        old = cv2.imread(str(dst), cv2.IMREAD_UNCHANGED)
-        if old is not None and old.shape[:2] == (nh, nw):
+        old = read_header(dst.read_bytes())
+        if old is not None and old.size == (nw, nh):
             return nw / w, nh / h
-    interp = cv2.INTER_AREA if ratio < 1 else cv2.INTER_LINEAR
-    resized = cv2.resize(image, (nw, nh), interpolation=interp)
+    resized, scale = resize_image(image, short_side, short=True, upscale=True)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = dst.with_name(dst.stem + ".tmp.png")
     if not cv2.imwrite(str(tmp), resized):
         raise DiftSfmError(f"Could not write resized image {tmp}.")
     tmp.replace(dst)
-    return nw / w, nh / h
+    return scale
 
 
 def write_scaled_keypoints(src: Path, dst: Path, names: dict[str, str],

@@ -76,11 +76,13 @@ PROTOCOL_MATCHER = {"ratio_threshold": None, "min_score": None}
 
 
 def protocol_conf(conf: dict, max_keypoints: int | None, keypoints_path: Path | None) -> dict:
-    """The conf of a protocol: full-resolution input (no resize_max), the protocols' matcher
+    """The conf of a protocol: full-resolution input (no resize_max, detect_max or reduced
+    decode), the protocols' matcher
     (``PROTOCOL_MATCHER``), and either ``max_keypoints`` detected keypoints or keypoints
     imported from ``keypoints_path``."""
     conf = copy.deepcopy(conf)
-    conf.setdefault("preprocessing", {})["resize_max"] = None
+    conf.setdefault("preprocessing", {}).update(resize_max=None, detect_max=None,
+                                                reduced_decode=None)
     conf["matcher"] = {**conf["matcher"], **PROTOCOL_MATCHER}
     if keypoints_path is not None:
         conf["keypoints"] = {"name": "import", "path": str(keypoints_path),

@@ -37,6 +37,7 @@ RUNTIME_KEYS = frozenset(
         "channels_last",
         "device",
         "fp16",  # matcher: fp16 products on CUDA; scores stay exact fp32, near-ties may differ
+        "memory_mb",  # preprocessing: budget per image; refuses images, changes no entry
         "num_workers",
         "pair_batch",
         "prefetch",
