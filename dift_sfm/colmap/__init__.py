@@ -7,3 +7,7 @@ loading pycolmap. Import the submodules for the functions.
 #: ``camera_mode`` values of :func:`dift_sfm.colmap.database.create_database`: which images share
 #: intrinsics (``auto``: consecutive images of the same size, EXIF camera and focal length).
 CAMERA_MODES = ("auto", "single", "per-folder", "per-image")
+
+#: ``mapper`` values of :func:`dift_sfm.colmap.mapping.run_mapping` (when to use which:
+#: docs/reconstruction.md); the first is the default.
+MAPPERS = ("incremental", "global", "hierarchical")
