@@ -23,7 +23,7 @@ from .formats.matches import (
     match_datasets,
     pair_key,
 )
-from .formats.resume import StaleOutputError, may_resume, settings_diff
+from .formats.resume import StaleOutputError, follow_stored, may_resume, settings_diff
 from .matchers import get_matcher
 from .matchers.mnn import cache_budget
 from .pairs import read_pairs
@@ -268,7 +268,8 @@ def conf_for_matching(feature_path: Path | str, name: str | None = None,
             return resolve_conf({"name": "foreign"}, overrides)
         return resolve_conf({k: v for k, v in stored.items() if k != "output"}, overrides)
     conf = get_conf(name, overrides)
-    if stored is not None:
+    if stored is not None:  # how the file stores descriptors (float16 or not) is its own
+        conf = follow_stored(stored, conf, feature_path, "features file", log=False)
         diff = settings_diff(feature_settings(stored), feature_settings(conf))
         if diff:
             raise FormatError(
