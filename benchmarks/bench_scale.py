@@ -191,21 +191,18 @@ def retrieval_pairs(scene: dict, k: int, rng: np.random.Generator) -> list[tuple
 
 
 def pair_matches(v0: dict, v1: dict, far: bool, rng: np.random.Generator) -> np.ndarray:
-    """matches0 (N0,) int: index into v1's keypoints or -1."""
+    """matches0 (N0,) int32: index into v1's keypoints or -1."""
     n0, n1 = len(v0["ids"]), len(v1["ids"])
-    m0 = np.full(n0, -1, np.int64)
+    m0 = np.full(n0, -1, np.int32)
     if not far:
-        pos1 = {int(p): j for j, p in enumerate(v1["ids"]) if p >= 0}
-        for i, p in enumerate(v0["ids"]):
-            j = pos1.get(int(p), -1) if p >= 0 else -1
-            if j >= 0 and rng.random() < 0.9:
-                m0[i] = j
+        common, i0, i1 = np.intersect1d(v0["ids"], v1["ids"], return_indices=True)
+        keep = (common >= 0) & (rng.random(len(common)) < 0.9)
+        m0[i0[keep]] = i1[keep]
     n_true = int((m0 >= 0).sum())
-    n_out = max(30, int(0.15 * n_true)) if far else int(0.15 * n_true)
     free0 = np.flatnonzero(m0 < 0)
-    used1 = set(m0[m0 >= 0].tolist())
-    free1 = np.array([j for j in range(n1) if j not in used1])
-    n_out = min(n_out, len(free0), len(free1))
+    free1 = np.setdiff1d(np.arange(n1), m0[m0 >= 0])
+    n_out = min(max(30, int(0.15 * n_true)) if far else int(0.15 * n_true),
+                len(free0), len(free1))
     if n_out:
         m0[rng.choice(free0, n_out, replace=False)] = rng.choice(free1, n_out, replace=False)
     return m0
@@ -277,14 +274,16 @@ def main() -> None:
     names = [f"img{i:06d}.jpg" for i in range(n)]
     print(f"Synthetic survey of {n} images:")
 
-    with stage("scene", rss) as row:
+    with stage("scene", rss) as row:  # generating the data: not part of the back end
         scene = make_scene(n, args.density, rng)
         views = observe(scene, args.noise, rng)
         pairs = retrieval_pairs(scene, args.neighbors, rng)
-        row.update(points=len(scene["points"]), pairs=len(pairs),
-                   keypoints_per_image=float(np.mean([len(v["ids"]) for v in views])))
-    far = {(i, j) for i, j in pairs
-           if np.linalg.norm(scene["centres"][i, :2] - scene["centres"][j, :2]) > 6}
+        far = {(i, j) for i, j in pairs
+               if np.linalg.norm(scene["centres"][i, :2] - scene["centres"][j, :2]) > 6}
+        raw = [pair_matches(views[i], views[j], (i, j) in far, rng) for i, j in pairs]
+        row.update(points=len(scene["points"]), pairs=len(pairs), far_pairs=len(far),
+                   keypoints_per_image=float(np.mean([len(v["ids"]) for v in views])),
+                   raw_matches=int(sum((m >= 0).sum() for m in raw)))
 
     with stage("images", rss):  # blank JPEGs: pycolmap's image reader needs real files
         images = out / "images"
@@ -308,20 +307,16 @@ def main() -> None:
     write_pairs(pairs_path, [(names[i], names[j]) for i, j in pairs])
 
     matches = out / "matches.h5"
-    with stage("write_matches", rss) as row:
+    with stage("write_matches", rss):
         with FeaturesReader(features) as f:
             prints = [f.fingerprint(name) for name in names]
         writer = ShardedH5Writer(matches, is_complete_matches, {"conf": "synthetic"},
                                  shard_entries=4096)
-        total = 0
-        for i, j in pairs:
-            m0 = pair_matches(views[i], views[j], (i, j) in far, rng)
-            total += int((m0 >= 0).sum())
+        for (i, j), m0 in zip(pairs, raw, strict=True):
             writer.write(pair_key(names[i], names[j]),
                          match_datasets(m0, (m0 >= 0).astype(np.float32)),
                          match_attrs(prints[i], prints[j]))
         writer.finalize()
-        row["raw_matches"] = total
 
     database = out / "database.db"
     with stage("database", rss):
