@@ -20,10 +20,11 @@ Written through dift_sfm's own writers (``formats.h5store.ShardedH5Writer``,
 blank 640x480 JPEGs), ``import_into_database``, ``colmap.mapping.verify_database`` and
 ``run_mapping`` with each mapper (on its own copy of the verified database).
 
-Reported per stage: wall time and peak RSS of the process during the stage (sampled every
-10 ms); per mapper: registered images, points, reprojection error, and the pose error after
-a similarity alignment of the camera centres to the truth (Umeyama): median / 90th
-percentile rotation error (deg) and position error (units; grid spacing 1). Last line: JSON.
+Reported per stage: wall time, CPU time (all threads) and peak RSS of the process during the
+stage (sampled every 10 ms); per mapper: registered images, points, reprojection error, and
+the pose error after a similarity alignment of the camera centres to the truth (Umeyama):
+median / 90th percentile rotation error (deg) and position error (units; grid spacing 1).
+Last line: JSON.
 
     python benchmarks/bench_scale.py --images 1000 [--mappers incremental,global,hierarchical]
         [--output outputs/bench_scale] [--density 150] [--neighbors 8] [--seed 0]
@@ -36,6 +37,7 @@ import json
 import logging
 import math
 import os
+import resource
 import shutil
 import sys
 import threading
@@ -97,20 +99,28 @@ class PeakRSS:
 STAGES: dict[str, dict] = {}
 
 
+def _cpu() -> float:
+    """CPU seconds of this process, all threads (user + system): less load-dependent than
+    wall time on a shared machine."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
+
+
 @contextmanager
 def stage(name: str, rss: PeakRSS, **extra):
     start_rss = rss.reset()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), _cpu()
     row = {"name": name, **extra}
     try:
         yield row
     finally:
         row["seconds"] = time.perf_counter() - t0
+        row["cpu_s"] = _cpu() - c0
         row["peak_rss_mb"] = max(rss.peak, rss.now()) / 2**20
         row["rss_growth_mb"] = (max(rss.peak, rss.now()) - start_rss) / 2**20
         STAGES[name] = row
-        print(f"  {name:22s} {row['seconds']:8.2f} s   peak RSS {row['peak_rss_mb']:7.0f} MB "
-              f"(+{row['rss_growth_mb']:.0f})", flush=True)
+        print(f"  {name:22s} {row['seconds']:8.2f} s  cpu {row['cpu_s']:8.2f} s  peak RSS "
+              f"{row['peak_rss_mb']:7.0f} MB (+{row['rss_growth_mb']:.0f})", flush=True)
 
 
 # --------------------------------------------------------------------------- scene
@@ -347,15 +357,14 @@ def main() -> None:
         print(f"    {mapper}: {json.dumps({k: v for k, v in row.items() if k != 'name'})}")
 
     num_pairs = len(pairs)
-    per = {
-        "write_features_ms_per_image": 1e3 * STAGES["write_features"]["seconds"] / n,
-        "write_matches_ms_per_pair": 1e3 * STAGES["write_matches"]["seconds"] / num_pairs,
-        "database_ms_per_image": 1e3 * STAGES["database"]["seconds"] / n,
-        "import_ms_per_pair": 1e3 * STAGES["import"]["seconds"] / num_pairs,
-        "verification_ms_per_pair": 1e3 * STAGES["verification"]["seconds"] / num_pairs,
-        **{f"mapping_{m}_ms_per_image": 1e3 * STAGES[f"mapping_{m}"]["seconds"] / n
-           for m in results},
-    }
+    units = {"write_features": n, "write_matches": num_pairs, "database": n,
+             "import": num_pairs, "verification": num_pairs,
+             **{f"mapping_{m}": n for m in results}}
+    per = {}
+    for key, count in units.items():
+        unit = "image" if count == n else "pair"
+        per[f"{key}_ms_per_{unit}"] = 1e3 * STAGES[key]["seconds"] / count
+        per[f"{key}_cpu_ms_per_{unit}"] = 1e3 * STAGES[key]["cpu_s"] / count
     for key, value in per.items():
         print(f"  {key:34s} {value:9.2f}")
     print(json.dumps({"bench": "scale", "images": n, "pairs": num_pairs,
