@@ -64,7 +64,7 @@ from dift_sfm.formats.matches import (  # noqa: E402
     match_datasets,
     pair_key,
 )
-from dift_sfm.pairs import write_pairs  # noqa: E402
+from dift_sfm.pairs import read_pairs, write_pairs  # noqa: E402
 
 W, H = 640, 480
 FOCAL = 1.2 * max(W, H)
@@ -271,6 +271,9 @@ def main() -> None:
     p.add_argument("--neighbors", type=int, default=8, help="retrieval pairs per image")
     p.add_argument("--noise", type=float, default=0.5, help="keypoint noise, px")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--reuse-from", type=Path, default=None, metavar="DIR",
+                   help="only map: the verified database of an earlier run with the same "
+                        "--images/--seed/--density in DIR (its sfm folders are not touched)")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     logging.getLogger("dift_sfm").setLevel(logging.WARNING)
@@ -284,57 +287,65 @@ def main() -> None:
     names = [f"img{i:06d}.jpg" for i in range(n)]
     print(f"Synthetic survey of {n} images:")
 
-    with stage("scene", rss) as row:  # generating the data: not part of the back end
-        scene = make_scene(n, args.density, rng)
-        views = observe(scene, args.noise, rng)
-        pairs = retrieval_pairs(scene, args.neighbors, rng)
-        far = {(i, j) for i, j in pairs
-               if np.linalg.norm(scene["centres"][i, :2] - scene["centres"][j, :2]) > 6}
-        raw = [pair_matches(views[i], views[j], (i, j) in far, rng) for i, j in pairs]
-        row.update(points=len(scene["points"]), pairs=len(pairs), far_pairs=len(far),
-                   keypoints_per_image=float(np.mean([len(v["ids"]) for v in views])),
-                   raw_matches=int(sum((m >= 0).sum() for m in raw)))
+    if args.reuse_from is not None:  # map the verified database of an earlier run
+        with stage("scene", rss):
+            scene = make_scene(n, args.density, rng)  # the first draws: the same scene
+        database, images = args.reuse_from / "database.db", args.reuse_from / "images"
+        if not database.is_file():
+            sys.exit(f"No database.db in {args.reuse_from}.")
+        pairs = read_pairs(args.reuse_from / "pairs.txt")
+    else:
+        with stage("scene", rss) as row:  # generating the data: not part of the back end
+            scene = make_scene(n, args.density, rng)
+            views = observe(scene, args.noise, rng)
+            pairs = retrieval_pairs(scene, args.neighbors, rng)
+            far = {(i, j) for i, j in pairs
+                   if np.linalg.norm(scene["centres"][i, :2] - scene["centres"][j, :2]) > 6}
+            raw = [pair_matches(views[i], views[j], (i, j) in far, rng) for i, j in pairs]
+            row.update(points=len(scene["points"]), pairs=len(pairs), far_pairs=len(far),
+                       keypoints_per_image=float(np.mean([len(v["ids"]) for v in views])),
+                       raw_matches=int(sum((m >= 0).sum() for m in raw)))
 
-    with stage("images", rss):  # blank JPEGs: pycolmap's image reader needs real files
-        images = out / "images"
-        images.mkdir()
-        cv2.imwrite(str(images / names[0]), np.full((H, W, 3), 127, np.uint8))
-        for name in names[1:]:
-            os.link(images / names[0], images / name)
+        with stage("images", rss):  # blank JPEGs: pycolmap's image reader needs real files
+            images = out / "images"
+            images.mkdir()
+            cv2.imwrite(str(images / names[0]), np.full((H, W, 3), 127, np.uint8))
+            for name in names[1:]:
+                os.link(images / names[0], images / name)
 
-    features = out / "features.h5"
-    with stage("write_features", rss):
-        writer = ShardedH5Writer(features, is_complete_features, {"conf": "synthetic"},
-                                 shard_entries=4096)
-        desc_rng = np.random.default_rng(1)
-        for name, v in zip(names, views, strict=True):
-            desc = desc_rng.standard_normal((len(v["ids"]), 8)).astype(np.float32)
-            desc /= np.linalg.norm(desc, axis=1, keepdims=True)
-            writer.write(name, feature_datasets(v["kpts"], desc, np.ones(len(v["ids"])),
-                                                (W, H), as_half=True))
-        writer.finalize()
-    pairs_path = out / "pairs.txt"
-    write_pairs(pairs_path, [(names[i], names[j]) for i, j in pairs])
+        features = out / "features.h5"
+        with stage("write_features", rss):
+            writer = ShardedH5Writer(features, is_complete_features, {"conf": "synthetic"},
+                                     shard_entries=4096)
+            desc_rng = np.random.default_rng(1)
+            for name, v in zip(names, views, strict=True):
+                desc = desc_rng.standard_normal((len(v["ids"]), 8)).astype(np.float32)
+                desc /= np.linalg.norm(desc, axis=1, keepdims=True)
+                writer.write(name, feature_datasets(v["kpts"], desc, np.ones(len(v["ids"])),
+                                                    (W, H), as_half=True))
+            writer.finalize()
+        pairs_path = out / "pairs.txt"
+        write_pairs(pairs_path, [(names[i], names[j]) for i, j in pairs])
 
-    matches = out / "matches.h5"
-    with stage("write_matches", rss):
-        with FeaturesReader(features) as f:
-            prints = [f.fingerprint(name) for name in names]
-        writer = ShardedH5Writer(matches, is_complete_matches, {"conf": "synthetic"},
-                                 shard_entries=4096)
-        for (i, j), m0 in zip(pairs, raw, strict=True):
-            writer.write(pair_key(names[i], names[j]),
-                         match_datasets(m0, (m0 >= 0).astype(np.float32)),
-                         match_attrs(prints[i], prints[j]))
-        writer.finalize()
+        matches = out / "matches.h5"
+        with stage("write_matches", rss):
+            with FeaturesReader(features) as f:
+                prints = [f.fingerprint(name) for name in names]
+            writer = ShardedH5Writer(matches, is_complete_matches, {"conf": "synthetic"},
+                                     shard_entries=4096)
+            for (i, j), m0 in zip(pairs, raw, strict=True):
+                writer.write(pair_key(names[i], names[j]),
+                             match_datasets(m0, (m0 >= 0).astype(np.float32)),
+                             match_attrs(prints[i], prints[j]))
+            writer.finalize()
 
-    database = out / "database.db"
-    with stage("database", rss):
-        create_database(database, images, names, camera_mode="single")
-    with stage("import", rss):
-        import_into_database(database, features, matches, pairs_path)
-    with stage("verification", rss) as row:
-        row["verified_pairs"] = verify_database(database)
+        database = out / "database.db"
+        with stage("database", rss):
+            create_database(database, images, names, camera_mode="single")
+        with stage("import", rss):
+            import_into_database(database, features, matches, pairs_path)
+        with stage("verification", rss) as row:
+            row["verified_pairs"] = verify_database(database)
 
     results = {}
     for mapper in [m for m in args.mappers.split(",") if m]:
@@ -360,6 +371,7 @@ def main() -> None:
     units = {"write_features": n, "write_matches": num_pairs, "database": n,
              "import": num_pairs, "verification": num_pairs,
              **{f"mapping_{m}": n for m in results}}
+    units = {k: v for k, v in units.items() if k in STAGES}
     per = {}
     for key, count in units.items():
         unit = "image" if count == n else "pair"
