@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from . import interrupts, logger
-from .colmap import CAMERA_MODES, DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL
+from .colmap import CAMERA_MODES, DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL, MAPPERS
 from .confs import confs, describe_conf, get_conf, parse_value
 from .errors import DiftSfmError
 from .eval import PROTOCOLS
@@ -299,8 +299,8 @@ def _add_camera_args(p: argparse.ArgumentParser) -> None:
 
 
 def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
-    p = _command(sub, "reconstruct", "extract, pair, match, then COLMAP incremental "
-                                           "mapping -> OUTPUT/sparse/0")
+    p = _command(sub, "reconstruct", "extract, pair, match, then COLMAP mapping "
+                                           "-> OUTPUT/sparse/0")
     p.add_argument("image_dir", type=Path)
     p.add_argument("--output", "-o", type=Path, required=True,
                    help="folder for features, pairs, matches, database.db and sparse/")
@@ -319,6 +319,8 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--min-model-size", type=int, default=None,
                    help="fewest registered images for a model to be kept (default: COLMAP's "
                         "10, capped at the number of images)")
+    p.add_argument("--mapper", choices=list(MAPPERS), default=MAPPERS[0],
+                   help="COLMAP mapper (see docs/reconstruction.md), default: %(default)s")
     p.add_argument("--overwrite", action="store_true", help="recompute features and matches")
     add_conf_args(p)
     add_ray_args(p)
@@ -333,7 +335,7 @@ def _run_reconstruct(args: argparse.Namespace) -> int:
         num_neighbors=args.num_neighbors, retrieval_method=args.retrieval_method,
         image_list=args.image_list, camera_mode=args.camera_mode,
         camera_model=args.camera_model, min_model_size=args.min_model_size,
-        overwrite=args.overwrite, ray=ray_options_from_args(args))
+        overwrite=args.overwrite, ray=ray_options_from_args(args), mapper=args.mapper)
     print(summary.format())
     if summary.failed_images:  # like `extract`: the rest is done, but say so in the exit code
         logger.error("%d unreadable image(s) are not in the model: %s",

@@ -25,7 +25,7 @@ from .formats.features import (
     is_complete_features,
 )
 from .formats.h5store import ShardedH5Writer
-from .formats.resume import CONF_SECTIONS, may_resume
+from .formats.resume import CONF_SECTIONS, follow_stored, may_resume
 from .images import (
     MAX_PIXELS,
     ImageHeader,
@@ -53,6 +53,15 @@ def _may_keep(source: Path, conf: dict, overwrite: bool) -> bool:
     return may_resume(source, feature_settings(stored) if stored else None,
                       feature_settings(conf), overwrite, "features file",
                       stored.get("name") if stored else None)
+
+
+def _follow_stored(sources: list[Path], conf: dict) -> dict:
+    """``conf`` with the storage settings (float16 descriptors) of the output being resumed."""
+    for source in sources:
+        with FeaturesReader(source) as f:
+            stored = f.conf
+        conf = follow_stored(stored, conf, source, "features file")
+    return conf
 
 
 def _existing_dim(features: FeaturesReader | None, done: set[str]) -> int | None:
@@ -389,6 +398,9 @@ def extract_features(
                   "conf_json": json.dumps({k: conf[k] for k in CONF_SECTIONS})}
     writer = ShardedH5Writer(feature_path, is_complete_features, root_attrs)  # locks the output
     try:
+        if not overwrite:  # an existing output keeps its own storage settings
+            conf = _follow_stored(list(writer.sources()), conf)
+            writer.root_attrs["conf_json"] = json.dumps({k: conf[k] for k in CONF_SECTIONS})
         keep = all(_may_keep(source, conf, overwrite) for source in writer.sources())
         if not keep:
             writer.discard_pending()

@@ -22,7 +22,7 @@ from .formats.matches import (
     match_datasets,
     pair_key,
 )
-from .formats.resume import StaleOutputError, may_resume, settings_diff
+from .formats.resume import StaleOutputError, follow_stored, may_resume, settings_diff
 from .matchers import get_matcher
 from .pairs import read_pairs
 from .planning import ByteBudgetCache, locality_order, pair_batches, stream_tile
@@ -195,7 +195,8 @@ def conf_for_matching(feature_path: Path | str, name: str | None = None,
             return resolve_conf({"name": "foreign"}, overrides)
         return resolve_conf({k: v for k, v in stored.items() if k != "output"}, overrides)
     conf = get_conf(name, overrides)
-    if stored is not None:
+    if stored is not None:  # how the file stores descriptors (float16 or not) is its own
+        conf = follow_stored(stored, conf, feature_path, "features file", log=False)
         diff = settings_diff(feature_settings(stored), feature_settings(conf))
         if diff:
             raise FormatError(

@@ -2,7 +2,8 @@
 
     extract (features.h5) ─► pairs (pairs-*.txt) ─► match (matches.h5)
     ─► colmap.database (database.db: cameras, images, keypoints, raw matches)
-    ─► colmap.mapping (geometric verification, incremental mapping ─► sparse/0, ...)
+    ─► colmap.mapping (geometric verification, incremental/global/hierarchical mapping
+       ─► sparse/0, ...)
 
 ``run_pipeline`` runs it all under one output folder; ``reconstruct`` is the second half, from
 existing features/matches/pairs files (like ``hloc.reconstruction.main``). It builds a fresh
@@ -32,7 +33,9 @@ from .colmap.database import (
     remove_database,
 )
 from .colmap.mapping import (
+    DEFAULT_MAPPER,
     ReconstructionSummary,
+    check_mapper,
     follow_log_level,
     run_mapping,
     summarize_model,
@@ -106,18 +109,23 @@ def reconstruct(
     image_list: list[str] | None = None,
     min_model_size: int | None = None,
     verification_options: pycolmap.TwoViewGeometryOptions | None = None,
-    mapper_options: pycolmap.IncrementalPipelineOptions | None = None,
+    mapper_options: pycolmap.IncrementalPipelineOptions | pycolmap.GlobalPipelineOptions
+    | pycolmap.HierarchicalPipelineOptions | None = None,
     failed_images: dict[str, str] | None = None,
+    mapper: str = DEFAULT_MAPPER,
 ) -> tuple[pycolmap.Reconstruction, ReconstructionSummary]:
     """features.h5 + matches.h5 + pairs -> ``sfm_dir/database.db`` and ``sfm_dir/sparse/0``.
 
     Like ``hloc.reconstruction.main``. The database holds the images of ``image_list``
     (default: every image of the features file). It is built from scratch in
     ``database.db.tmp``, verified, then atomically moved over ``database.db``, so an old database
-    is only replaced by a complete one. Returns the largest model and its summary (also logged).
+    is only replaced by a complete one. ``mapper``: incremental (default), global or
+    hierarchical (``colmap.MAPPERS``); ``mapper_options`` are that mapper's pycolmap
+    options. Returns the largest model and its summary (also logged).
     One reconstruction per ``sfm_dir`` at a time: another process working there (``reconstruct``,
     ``colmap-import`` on its database) makes this one stop at once with OutputLockedError.
     """
+    check_mapper(mapper)
     sfm_dir, image_dir = Path(sfm_dir), Path(image_dir)
     sfm_dir.mkdir(parents=True, exist_ok=True)
     follow_log_level()
@@ -144,9 +152,10 @@ def reconstruct(
     database.with_name(database.name + "-journal").unlink(missing_ok=True)
     os.replace(tmp, database)
     with timed(timings, "mapping"):
-        models = run_mapping(database, image_dir, sfm_dir, min_model_size, mapper_options)
+        models = run_mapping(database, image_dir, sfm_dir, min_model_size, mapper_options,
+                             mapper)
     summary = summarize_model(models[0], database, sfm_dir, len(models), failed_images)
-    summary.timings = timings
+    summary.timings, summary.mapper = timings, mapper
     logger.info("Model %s: %d/%d images registered, %d points, mean track length %.2f, mean "
                 "reprojection error %.3f px.", sfm_dir / "sparse" / "0", summary.num_registered,
                 summary.num_images, summary.num_points3D, summary.mean_track_length,
@@ -216,6 +225,7 @@ def run_pipeline(
     min_model_size: int | None = None,
     overwrite: bool = False,
     ray: RayOptions | None = None,
+    mapper: str = DEFAULT_MAPPER,
 ) -> tuple[pycolmap.Reconstruction, ReconstructionSummary]:
     """extract -> pairs -> match -> database -> verify -> map, everything under ``output``.
 
@@ -232,6 +242,7 @@ def run_pipeline(
     """
     image_dir, output = Path(image_dir), Path(output)
     check_camera_args(camera_mode, camera_model)  # fail before any work
+    check_mapper(mapper)
     check_pair_args(pairs, window, num_neighbors)
     names = resolve_image_list(image_dir, image_list)  # refuses colliding names
     check_pairable(names, f"image folder {image_dir}")  # before extraction, naming the file
@@ -267,7 +278,7 @@ def run_pipeline(
                        backend=match_backend)
     model, summary = reconstruct(output, image_dir, pairs_path, features, matches, camera_mode,
                                  camera_model, image_list=ok, min_model_size=min_model_size,
-                                 failed_images=failed)
+                                 failed_images=failed, mapper=mapper)
     summary.timings = {**timings, **summary.timings}
     report_after_run(output, image_dir, summary, features, matches, pairs_path)  # never raises
     return model, summary

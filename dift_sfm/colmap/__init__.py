@@ -10,3 +10,7 @@ CAMERA_MODES = ("auto", "single", "per-folder", "per-image")
 DEFAULT_CAMERA_MODE = "auto"
 #: COLMAP camera model of the cameras dift-sfm creates (one focal, principal point, one radial)
 DEFAULT_CAMERA_MODEL = "SIMPLE_RADIAL"
+
+#: ``mapper`` values of :func:`dift_sfm.colmap.mapping.run_mapping` (when to use which:
+#: docs/reconstruction.md); the first is the default.
+MAPPERS = ("incremental", "global", "hierarchical")

@@ -1,8 +1,13 @@
-"""COLMAP on a database holding keypoints and raw matches: verification, incremental mapping,
-and the figures of the resulting model.
+"""COLMAP on a database holding keypoints and raw matches: verification, mapping (incremental,
+global or hierarchical), and the figures of the resulting model.
 
-    database.db ─► pycolmap geometric verification (two_view_geometries) ─► incremental mapping
+    database.db ─► pycolmap geometric verification (two_view_geometries) ─► mapping
     ─► sfm_dir/sparse/0 (largest model, COLMAP binary), sparse/1, ... (smaller ones, if any)
+
+Mappers (``dift_sfm.colmap.MAPPERS``; when to use which: docs/reconstruction.md):
+    incremental   ``pycolmap.incremental_mapping`` (COLMAP's mapper; the default)
+    global        ``pycolmap.global_mapping`` (GLOMAP: rotation averaging, global positioning)
+    hierarchical  ``pycolmap.hierarchical_mapping`` (incremental in overlapping clusters, merged)
 """
 
 from __future__ import annotations
@@ -12,16 +17,63 @@ import shutil
 import sqlite3
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pycolmap
 
 from ..errors import DiftSfmError
+from . import MAPPERS
 
 logger = logging.getLogger("dift_sfm")
 
 
 class ReconstructionError(DiftSfmError):
     """Geometric verification or mapping produced no usable model."""
+
+
+#: mapper name (``MAPPERS``) -> (pycolmap function name, its options class name)
+PYCOLMAP_MAPPERS: dict[str, tuple[str, str]] = {
+    "incremental": ("incremental_mapping", "IncrementalPipelineOptions"),
+    "global": ("global_mapping", "GlobalPipelineOptions"),
+    "hierarchical": ("hierarchical_mapping", "HierarchicalPipelineOptions"),
+}
+DEFAULT_MAPPER = MAPPERS[0]
+#: COLMAP's default fewest registered images of a kept model (capped at the image count)
+DEFAULT_MIN_MODEL_SIZE = 10
+
+
+def check_mapper(mapper: str) -> str:
+    """``mapper`` if it names one of ``MAPPERS``, else a DiftSfmError listing them."""
+    if mapper not in MAPPERS:
+        raise DiftSfmError(f"Unknown mapper '{mapper}': use one of {', '.join(MAPPERS)}.")
+    return mapper
+
+
+def mapper_options(mapper: str, num_images: int, min_model_size: int | None = None) -> Any:
+    """pycolmap options of ``mapper`` with dift-sfm's defaults: random seed 0 everywhere, and
+    ``min_model_size`` (default COLMAP's 10 capped at ``num_images``)."""
+    options = getattr(pycolmap, PYCOLMAP_MAPPERS[check_mapper(mapper)][1])()
+    size = min(DEFAULT_MIN_MODEL_SIZE, num_images) if min_model_size is None else min_model_size
+    if mapper == "hierarchical":
+        options.incremental_options.random_seed = 0
+        options.incremental_options.min_model_size = size
+    else:
+        options.random_seed = 0
+        options.min_model_size = size
+    if mapper == "global":  # its sub-solvers take their own seeds
+        m = options.mapper
+        for sub in (m, m.rotation_averaging, m.global_positioning, m.retriangulation):
+            sub.random_seed = 0
+    return options
+
+
+def _set_min_model_size(options: Any, size: int) -> None:
+    target = getattr(options, "incremental_options", options)
+    target.min_model_size = size
+
+
+def _min_model_size(options: Any) -> int:
+    return int(getattr(options, "incremental_options", options).min_model_size)
 
 
 @dataclass
@@ -40,6 +92,7 @@ class ReconstructionSummary:
     unregistered: list[str] = field(default_factory=list)
     failed_images: dict[str, str] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)  # stage -> seconds
+    mapper: str = DEFAULT_MAPPER
 
     def format(self) -> str:
         lines = [
@@ -51,6 +104,7 @@ class ReconstructionSummary:
             f"  observations per image  {self.mean_observations_per_image:.1f}",
             f"  verified pairs          {self.num_verified_pairs}",
             f"  models                  {self.num_models}",
+            f"  mapper                  {self.mapper}",
         ]
         if self.unregistered:
             lines.append(f"  not registered: {', '.join(self.unregistered)}")
@@ -95,36 +149,40 @@ def verified_pairs(database: Path | str) -> tuple[int, int]:
 
 
 def run_mapping(database: Path | str, image_dir: Path | str, sfm_dir: Path | str,
-                min_model_size: int | None = None,
-                options: pycolmap.IncrementalPipelineOptions | None = None,
-                ) -> list[pycolmap.Reconstruction]:
-    """Incremental mapping; writes the models, largest first, to ``sfm_dir/sparse/{0,1,...}``.
+                min_model_size: int | None = None, options: Any = None,
+                mapper: str = DEFAULT_MAPPER) -> list[pycolmap.Reconstruction]:
+    """Map a verified database; writes the models, largest first, to ``sfm_dir/sparse/{0,1,...}``.
 
-    The previous ``sparse`` folder is replaced only once mapping succeeded. ``min_model_size``
-    (default: the one of ``options``, else COLMAP's 10 capped at the number of images) is the
-    fewest registered images a model needs to be kept. Raises ReconstructionError when no
-    model is built.
+    ``mapper`` is one of ``MAPPERS``; ``options`` its pycolmap options object
+    (``IncrementalPipelineOptions``, ``GlobalPipelineOptions`` or
+    ``HierarchicalPipelineOptions``; default ``mapper_options(mapper, ...)``). The previous
+    ``sparse`` folder is replaced only once mapping succeeded. ``min_model_size`` (default: the
+    one of ``options``, else COLMAP's 10 capped at the number of images) is the fewest
+    registered images a model needs to be kept. Raises ReconstructionError when no model is
+    built, DiftSfmError for an unknown mapper or options of another mapper.
     """
+    function, options_class = PYCOLMAP_MAPPERS[check_mapper(mapper)]
     database, sfm_dir = Path(database), Path(sfm_dir)
     with pycolmap.Database.open(database) as db:
         num_images = db.num_images()
     if options is None:
-        options = pycolmap.IncrementalPipelineOptions()
-        options.random_seed = 0
-        options.min_model_size = min(10, num_images)
+        options = mapper_options(mapper, num_images, min_model_size)
+    elif not isinstance(options, getattr(pycolmap, options_class)):
+        raise DiftSfmError(f"Mapper '{mapper}' takes pycolmap.{options_class}, not "
+                           f"{type(options).__name__}.")
     if min_model_size is not None:
-        options.min_model_size = min_model_size
+        _set_min_model_size(options, min_model_size)
     work = sfm_dir / "sparse.tmp"
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
-    logger.info("Incremental mapping of %d images (min model size %d)...", num_images,
-                options.min_model_size)
-    models = pycolmap.incremental_mapping(database, image_dir, work / "raw", options)
+    logger.info("%s mapping of %d images (min model size %d)...", mapper.capitalize(),
+                num_images, _min_model_size(options))
+    models = getattr(pycolmap, function)(database, image_dir, work / "raw", options)
     models = sorted(models.values(), key=lambda r: (r.num_reg_images(), r.num_points3D()),
                     reverse=True)
     if not models:
         shutil.rmtree(work, ignore_errors=True)
-        raise ReconstructionError(_no_model_reason(database, options))
+        raise ReconstructionError(_no_model_reason(database, options, mapper))
     for i, rec in enumerate(models):
         (work / "sparse" / str(i)).mkdir(parents=True)
         rec.write_binary(work / "sparse" / str(i))
@@ -139,9 +197,14 @@ def run_mapping(database: Path | str, image_dir: Path | str, sfm_dir: Path | str
     return models
 
 
-def _no_model_reason(database: Path, options: pycolmap.IncrementalPipelineOptions) -> str:
+def _no_model_reason(database: Path, options: Any, mapper: str) -> str:
     """Why mapping built no model, with the figures that tell the causes apart."""
     count, best = verified_pairs(database)
+    if mapper != "incremental":
+        return (f"Mapping ({mapper}) built no model from {database} ({count} verified pairs, "
+                f"the best with {best} inliers; models need at least "
+                f"{_min_model_size(options)} images). Try exhaustive pairs, more keypoints, "
+                "--mapper incremental, or a lower --min-model-size.")
     init = options.mapper
     if best < init.init_min_num_inliers:
         return (f"Mapping built no model from {database}: too few verified matches ({count} "

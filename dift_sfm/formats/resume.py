@@ -10,6 +10,10 @@ names the file, the differing keys, and how to proceed. The benchmarks' cache na
 
 Which sections a conf has (``CONF_SECTIONS``: the sections ``confs`` resolves and a features
 file stores) and which of them shape a features file (``FEATURE_SECTIONS``) are listed here.
+
+names the file, the differing keys, and how to proceed. Settings that only choose how
+results are stored (``STORAGE_KEYS``, e.g. float16 descriptors) follow the existing output
+(:func:`follow_stored`), so that one file never mixes two storage formats.
 """
 
 from __future__ import annotations
@@ -51,6 +55,15 @@ RUNTIME_KEYS = frozenset(
 CONF_SECTIONS = ("preprocessing", "keypoints", "featurizer", "matcher", "pca")
 #: The sections that decide a features file's content (all but the matcher's).
 FEATURE_SECTIONS = tuple(s for s in CONF_SECTIONS if s != "matcher")
+
+#: Conf keys that choose how results are stored on disk, not what they are: an existing
+#: output keeps its own value when it is resumed (``follow_stored``); ``--overwrite`` or a new
+#: output applies the run's value.
+STORAGE_KEYS = frozenset(
+    {
+        "as_half",  # preprocessing: descriptors stored as float16 (keypoints stay float32)
+    }
+)
 
 
 class StaleOutputError(FormatError):
@@ -131,3 +144,39 @@ def may_resume(
         f"The {what} {path} was computed with other settings than this run's ({shown}). "
         "Use --overwrite to recompute it, or write to another output."
     )
+
+
+def follow_stored(
+    stored: Mapping[str, Any] | None,
+    wanted: Mapping[str, Any],
+    path: Path | str,
+    what: str = "output",
+    log: bool = True,
+) -> dict[str, Any]:
+    """``wanted`` (nested settings) with the ``STORAGE_KEYS`` values recorded in ``stored``.
+
+    An existing output resumes under its own storage settings: new entries are stored as the
+    old ones are (never a file half float32, half float16). With ``log``, each adopted value is
+    logged as a warning naming the file and how to change it. A key that ``stored`` does not
+    record keeps ``wanted``'s value (and the resume rule then judges the difference).
+    """
+    out = json.loads(json.dumps(wanted))
+    if stored is None:
+        return out
+
+    def walk(old: Mapping[str, Any], new: dict[str, Any], prefix: str) -> None:
+        for key, value in new.items():
+            if key not in old:
+                continue
+            if isinstance(value, dict) and isinstance(old[key], Mapping):
+                walk(old[key], value, f"{prefix}{key}.")
+            elif key in STORAGE_KEYS and old[key] != value:
+                if log:
+                    logger.warning(
+                        "The %s %s stores its entries with %s%s=%s: new entries follow it, not "
+                        "this run's %s (use --overwrite or another output to change it).", what,
+                        path, prefix, key, json.dumps(old[key]), json.dumps(value))
+                new[key] = old[key]
+
+    walk(stored, out, "")
+    return out
