@@ -55,8 +55,10 @@ DEFAULT_COMPONENT = {"keypoints": "dog", "featurizer": "sift", "matcher": "mnn"}
 
 #: DIFT confs: the featurizer sees a 768 px input, so a JPEG is decoded at the largest
 #: libjpeg reduction that keeps it, and DoG detects at 1600 px at most (as hloc's SIFT conf);
-#: keypoints stay in original pixels. Measured in docs/benchmarks.md (issue 21).
-DIFT_PREPROCESSING = {"detect_max": 1600, "reduced_decode": True}
+#: keypoints stay in original pixels. Measured in docs/benchmarks.md (issue 21). Descriptors
+#: are stored as float16 (hloc's ``as_half``; keypoints stay float32): a 640-D DIFT-SD entry
+#: halves from 10.5 MB, matched in float32 as before (agreement in docs/benchmarks.md).
+DIFT_PREPROCESSING = {"detect_max": 1600, "reduced_decode": True, "as_half": True}
 
 confs: dict[str, dict[str, Any]] = {
     # Classical offline baseline: DoG + RootSIFT, matched as hloc's NN-ratio does for SIFT.
@@ -70,8 +72,6 @@ confs: dict[str, dict[str, Any]] = {
         "matcher": {"name": "mnn", "ratio_threshold": 0.8},
     },
     # DIFT-SD, geometric reference settings (Tang et al. 2023): see featurizers/sd.py.
-    # Descriptors stored as float16 (hloc's `as_half`; 640-D: 5.2 instead of 10.5 MB per
-    # 4096 keypoints), keypoints float32; matching reads them back as float32.
     "dift-sd": {
         "output": "feats-dift-sd",
         "preprocessing": dict(DIFT_PREPROCESSING),
