@@ -25,9 +25,9 @@ from .formats.matches import (
 )
 from .formats.resume import StaleOutputError, may_resume, settings_diff
 from .matchers import get_matcher
-from .matchers.mnn import cache_budget
 from .pairs import read_pairs
 from .progress import progress
+from .runtime import cache_budget
 from .streams import run_ahead
 
 logger = logging.getLogger("dift_sfm")
