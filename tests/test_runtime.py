@@ -12,8 +12,8 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
-
 from conftest import CLI_ENV, DATA, REPO, SHARED, assert_same_h5, texture
+
 from dift_sfm import runtime
 
 SACRE = DATA / "sacre_coeur"
