@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import cv2
 import numpy as np
 
 from .errors import DiftSfmError, ImageReadError
@@ -196,14 +195,9 @@ def _prepare(source: bytes | str, path: str, conf: dict, name: str):
 
 def _limit_threads(cpus: float) -> None:
     """Make torch and OpenCV use the CPUs the actor reserved (Ray sets OMP_NUM_THREADS)."""
-    n = max(1, int(cpus))
-    try:
-        import torch
+    from .runtime import limit_threads
 
-        torch.set_num_threads(n)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    cv2.setNumThreads(n)
+    limit_threads(int(cpus))
 
 
 class DescribeWorker:
