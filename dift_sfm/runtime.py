@@ -118,9 +118,10 @@ def set_opencv_threads(n: int) -> int:
 
 
 def pool_opencv_threads(workers: int) -> int | None:
-    """OpenCV threads for a preparation pool of ``workers`` running at once: the pool is the
-    parallelism, so each call runs on one thread (None: leave OpenCV alone, no pool)."""
-    return 1 if workers >= 2 else None
+    """OpenCV threads while a preparation pool of ``workers`` runs: the cores shared among the
+    workers (1 with the default pool of one worker per core), so pool threads times OpenCV
+    threads do not exceed the cores. None (leave OpenCV alone) for fewer than 2 workers."""
+    return max(1, available_cpus() // workers) if workers >= 2 else None
 
 
 def ray_runtime_env(runtime_env: Mapping[str, Any] | None = None) -> dict[str, Any]:

@@ -114,7 +114,10 @@ ray.shutdown()
 
 
 def test_pool_opencv_threads_and_wants_cuda():
-    assert runtime.pool_opencv_threads(1) is None and runtime.pool_opencv_threads(4) == 1
+    assert runtime.pool_opencv_threads(0) is None and runtime.pool_opencv_threads(1) is None
+    cpus = runtime.available_cpus()
+    assert runtime.pool_opencv_threads(cpus + 1) == 1
+    assert runtime.pool_opencv_threads(2) == max(1, cpus // 2)
     before = cv2.getNumThreads()
     assert runtime.set_opencv_threads(1) == before
     assert runtime.set_opencv_threads(before) == 1 and cv2.getNumThreads() == before
