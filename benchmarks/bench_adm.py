@@ -40,12 +40,6 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dift_sfm.featurizers.adm import adm_dift_features  # noqa: E402
-from dift_sfm.featurizers.base import (  # noqa: E402
-    Compiler,
-    resolve_device,
-    resolve_dtype,
-    resolve_flag,
-)
 from dift_sfm.models.adm import (  # noqa: E402
     ADM_256_UNCOND_FLAGS,
     ADMConfig,
@@ -56,7 +50,13 @@ from dift_sfm.models.adm import (  # noqa: E402
     alphas_cumprod,
     timestep_embedding,
 )
-from dift_sfm.models.files import setup_compile_cache  # noqa: E402
+from dift_sfm.runtime import (  # noqa: E402
+    Compiler,
+    resolve_device,
+    resolve_dtype,
+    resolve_flag,
+    setup_compile_cache,  # noqa: E402
+)
 
 GiB = 2**30
 # A small model of the same family for smoke tests (inputs: multiples of 8).

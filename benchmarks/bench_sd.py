@@ -55,18 +55,18 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dift_sfm.featurizers.base import (  # noqa: E402
-    Compiler,
-    resolve_device,
-    resolve_dtype,
-    resolve_flag,
-)
 from dift_sfm.featurizers.sd import (  # noqa: E402
     compile_sd,
     sd_dift_features,
     unet_up_block_output,
 )
-from dift_sfm.models.files import setup_compile_cache  # noqa: E402
+from dift_sfm.runtime import (  # noqa: E402
+    Compiler,
+    resolve_device,
+    resolve_dtype,
+    resolve_flag,
+    setup_compile_cache,  # noqa: E402
+)
 
 # Stable Diffusion 2.1 (768-v): the UNet and VAE configs of the released model.
 SD21_UNET = dict(

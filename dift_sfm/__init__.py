@@ -2,6 +2,12 @@
 
 import logging
 
+from .runtime import apply_thread_policy
+
+# Before anything imports torch: its OpenMP threads must not spin while the machine is shared
+# (see dift_sfm.runtime; values the user set are kept).
+apply_thread_policy()
+
 __version__ = "0.1.0"
 
 logger = logging.getLogger("dift_sfm")

@@ -40,6 +40,7 @@ from .images import (
 from .keypoints import Keypoints, detect_keypoints, top_k
 from .planning import featurizer_batch_size, image_batches
 from .progress import progress
+from .runtime import pool_opencv_threads, set_opencv_threads
 from .streams import ordered_map, run_ahead
 
 logger = logging.getLogger("dift_sfm")
@@ -334,11 +335,17 @@ class LocalBackend:
         yield from self._pipelined(names)
 
     def _pipelined(self, names: list[str]) -> Iterator[Outcome]:
+        cv_threads = pool_opencv_threads(self.num_workers)  # the pool is the parallelism
+        restore_cv = None
         if self.worker_type == "process":
-            pool: Executor = ProcessPoolExecutor(self.num_workers,
-                                                 mp_context=mp.get_context("spawn"))
+            pool: Executor = ProcessPoolExecutor(
+                self.num_workers, mp_context=mp.get_context("spawn"),
+                initializer=None if cv_threads is None else set_opencv_threads,
+                initargs=() if cv_threads is None else (cv_threads,))
         else:
             pool = ThreadPoolExecutor(self.num_workers, thread_name_prefix="dift-sfm-prepare")
+            if cv_threads is not None:  # OpenCV's thread count is process-wide
+                restore_cv = set_opencv_threads(cv_threads)
         try:
             depth = self.prefetch or 2 * self.num_workers + self._batch_size()
             load = partial(load_prepared, self.image_dir, conf=self.conf)
@@ -349,6 +356,8 @@ class LocalBackend:
                                  "dift-sfm-describe")
         finally:
             pool.shutdown(wait=False, cancel_futures=True)
+            if restore_cv is not None:
+                set_opencv_threads(restore_cv)
 
     def _describe_stream(
             self, prepared: Iterable[tuple[str, PreparedImage | ImageReadError]]

@@ -235,7 +235,7 @@ def test_compile_path_and_eager_fallback(monkeypatch, caplog):
     a compiler failure on the first call falls back to eager with a warning, same features."""
     import logging
 
-    from dift_sfm.featurizers import base
+    from dift_sfm import runtime
 
     conf = {"name": "adm", "model": str(SMALL_WEIGHTS), "img_size": [64, 64], "ensemble": 2,
             "device": "cpu", "output_block": 7}
@@ -245,7 +245,7 @@ def test_compile_path_and_eager_fallback(monkeypatch, caplog):
     ref = eager.dense(image).features
 
     torch._dynamo.reset()
-    monkeypatch.setattr(base.Compiler, "_options", lambda self: {"backend": "eager"})
+    monkeypatch.setattr(runtime.Compiler, "_options", lambda self: {"backend": "eager"})
     traced = get_featurizer({**conf, "compile": True})
     assert traced.compiler.active
     torch.testing.assert_close(traced.dense(image).features, ref, rtol=1e-5, atol=1e-6)
@@ -254,7 +254,7 @@ def test_compile_path_and_eager_fallback(monkeypatch, caplog):
         raise RuntimeError("no C++ compiler (test)")
 
     torch._dynamo.reset()
-    monkeypatch.setattr(base.Compiler, "_options", lambda self: {"backend": broken})
+    monkeypatch.setattr(runtime.Compiler, "_options", lambda self: {"backend": broken})
     failing = get_featurizer({**conf, "compile": True, "channels_last": True})
     with caplog.at_level(logging.WARNING, logger="dift_sfm"):
         got = failing.dense(image).features

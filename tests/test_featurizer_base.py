@@ -11,15 +11,16 @@ import torch
 
 from dift_sfm.errors import DiftSfmError
 from dift_sfm.featurizers import featurizer_defaults, get_featurizer
-from dift_sfm.featurizers.base import (
+from dift_sfm.featurizers.base import image_to_tensor, input_size, seeded_normal
+from dift_sfm.models.weights import read_state_dict
+from dift_sfm.runtime import (
     Compiler,
+    OutOfMemoryError,
+    cache_dir,
     halve_on_oom,
-    image_to_tensor,
-    input_size,
     resolve_flag,
-    seeded_normal,
+    setup_compile_cache,
 )
-from dift_sfm.models.files import cache_dir, read_state_dict, setup_compile_cache
 
 
 @pytest.mark.parametrize("name", ["sift", "sd", "adm"])
@@ -110,7 +111,7 @@ def test_halve_on_oom(caplog):
     def run(chunk):
         seen.append(chunk)
         if chunk > 2:
-            raise torch.OutOfMemoryError("CUDA out of memory (test)")
+            raise OutOfMemoryError("CUDA out of memory (test)")
         return chunk * 10
 
     with caplog.at_level(logging.WARNING, logger="dift_sfm"):
@@ -118,9 +119,9 @@ def test_halve_on_oom(caplog):
     assert seen == [9, 4, 2] and "Out of GPU memory" in caplog.text
 
     def never(chunk):
-        raise torch.OutOfMemoryError("always")
+        raise OutOfMemoryError("always")
 
-    with pytest.raises(torch.OutOfMemoryError):
+    with pytest.raises(OutOfMemoryError):
         halve_on_oom(never, 4, torch.device("cpu"))
 
 

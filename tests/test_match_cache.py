@@ -10,6 +10,7 @@ import pytest
 import torch
 from conftest import h5_datasets
 
+from dift_sfm import runtime
 from dift_sfm.confs import get_conf
 from dift_sfm.formats.features import FeaturesReader, feature_datasets, is_complete_features
 from dift_sfm.formats.h5store import ShardedH5Writer
@@ -17,10 +18,9 @@ from dift_sfm.formats.matches import MatchesReader
 from dift_sfm.formats.resume import may_resume, settings_diff
 from dift_sfm.match import LocalBackend, match_features
 from dift_sfm.matchers import MNN
-from dift_sfm.matchers import mnn as mnn_module
-from dift_sfm.matchers.mnn import cache_budget
 from dift_sfm.pairs import exhaustive_pairs, write_pairs
 from dift_sfm.planning import locality_order
+from dift_sfm.runtime import cache_budget
 
 DIM = 8
 
@@ -181,13 +181,13 @@ def test_cache_mb_validates():  # the conf's checks of cache_mb: tests/test_conf
 def test_cache_mb_auto(monkeypatch):
     assert cache_budget(0, "cpu") == 0 and cache_budget(10, "cpu") == 10 * 2**20
     pages = {"SC_AVPHYS_PAGES": 1000, "SC_PAGE_SIZE": 4096}
-    monkeypatch.setattr(mnn_module.os, "sysconf", lambda key: pages[key])
+    monkeypatch.setattr(runtime.os, "sysconf", lambda key: pages[key])
     assert cache_budget("auto", "cpu") == int(0.25 * 1000 * 4096)
 
     def unknown(key):
         raise ValueError(key)
 
-    monkeypatch.setattr(mnn_module.os, "sysconf", unknown)
+    monkeypatch.setattr(runtime.os, "sysconf", unknown)
     assert cache_budget("auto", "cpu") == 2 * 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (10 * 2**30, 80 * 2**30))
     assert cache_budget("auto", torch.device("cuda")) == int(0.4 * 10 * 2**30)

@@ -478,7 +478,7 @@ def test_extract_batches_images_with_identical_results(tiny: Path, tmp_path: Pat
 def test_compiled_blocks_equal_eager(tiny: Path, embeds_file: Path, monkeypatch, caplog):
     """compile_sd traces the blocks that run (dynamo; eager backend: no C++/triton here) with
     the early-exit hook in place; a failing compiler falls back to eager on the first call."""
-    from dift_sfm.featurizers import base
+    from dift_sfm import runtime
 
     img = texture(64, 64).astype(np.float32) / 255
     f = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64])
@@ -486,8 +486,8 @@ def test_compiled_blocks_equal_eager(tiny: Path, embeds_file: Path, monkeypatch,
     want = f.dense(img).features
 
     torch._dynamo.reset()
-    options = base.Compiler._options
-    monkeypatch.setattr(base.Compiler, "_options",
+    options = runtime.Compiler._options
+    monkeypatch.setattr(runtime.Compiler, "_options",
                         lambda self: {**options(self), "backend": "eager"})
     traced = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64], compile=True)
     assert traced.compiler.active
@@ -497,7 +497,7 @@ def test_compiled_blocks_equal_eager(tiny: Path, embeds_file: Path, monkeypatch,
         raise RuntimeError("no triton (test)")
 
     torch._dynamo.reset()
-    monkeypatch.setattr(base.Compiler, "_options", lambda self: {"backend": broken})
+    monkeypatch.setattr(runtime.Compiler, "_options", lambda self: {"backend": broken})
     failing = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64], compile=True)
     with caplog.at_level(logging.WARNING, logger="dift_sfm"):
         got = failing.dense(img).features
@@ -512,7 +512,7 @@ def test_compiled_blocks_do_not_recompile(tiny: Path, embeds_file: Path, monkeyp
     (dynamic batch dim); the features equal the eager ones."""
     from torch._dynamo.utils import counters
 
-    from dift_sfm.featurizers import base
+    from dift_sfm import runtime
 
     images = [texture(64, 64, seed=s).astype(np.float32) / 255 for s in range(5)]
     eager = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64])
@@ -520,8 +520,8 @@ def test_compiled_blocks_do_not_recompile(tiny: Path, embeds_file: Path, monkeyp
 
     torch._dynamo.reset()
     counters.clear()
-    options = base.Compiler._options
-    monkeypatch.setattr(base.Compiler, "_options",
+    options = runtime.Compiler._options
+    monkeypatch.setattr(runtime.Compiler, "_options",
                         lambda self: {**options(self), "backend": "eager"})
     f = _featurizer(tiny, prompt_embeds=str(embeds_file), img_size=[64, 64], compile=True,
                     compile_dynamic_batch=True, batch_size=3)

@@ -12,10 +12,9 @@ import uuid
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-import cv2
-
 from .. import interrupts
 from ..errors import DiftSfmError
+from ..runtime import limit_threads, wants_cuda
 
 if TYPE_CHECKING:
     from .extract import RayExtractBackend
@@ -143,27 +142,14 @@ def _describe_resources(resources: dict) -> str:
 
 def wants_gpu(featurizer_conf: dict) -> bool:
     """True if a featurizer conf needs a GPU worker: a diffusion featurizer whose device is
-    ``auto`` (CUDA when present) or names CUDA."""
-    device = str(featurizer_conf.get("device") or "auto")
-    return featurizer_conf.get("name") in GPU_FEATURIZERS and (
-        device == "auto" or device.startswith("cuda"))
-
-
-def _matcher_wants_gpu(matcher_conf: dict) -> bool:
-    return str(matcher_conf.get("device") or "auto").startswith("cuda")
-
+    ``auto`` (a cluster is assumed to have CUDA) or names CUDA (``runtime.wants_cuda``)."""
+    return featurizer_conf.get("name") in GPU_FEATURIZERS and wants_cuda(
+        featurizer_conf.get("device"), cuda_available=True)
 
 
 def _limit_threads(cpus: float) -> None:
     """Make torch and OpenCV use the CPUs the actor reserved (Ray sets OMP_NUM_THREADS)."""
-    n = max(1, int(cpus))
-    try:
-        import torch
-
-        torch.set_num_threads(n)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-    cv2.setNumThreads(n)
+    limit_threads(int(cpus))
 
 
 # --------------------------------------------------------------------------- actors

@@ -18,7 +18,8 @@ from typing import Any, NamedTuple
 import numpy as np
 
 from ..planning import ByteBudgetCache, pair_batches, plan_blocks
-from .cluster import RayOptions, _cluster_plan, _limit_threads, _matcher_wants_gpu, _Pool, connect
+from ..runtime import wants_cuda
+from .cluster import RayOptions, _cluster_plan, _limit_threads, _Pool, connect
 
 logger = logging.getLogger("dift_sfm")
 
@@ -82,9 +83,8 @@ class RayMatchBackend:
         from ..match import check_same_dim
 
         ray = connect(self.options)
-        gpu = _matcher_wants_gpu(self.matcher_conf) or (
-            self.matcher_conf.get("device", "auto") == "auto"
-            and ray.cluster_resources().get("GPU", 0) >= 1)
+        gpu = wants_cuda(self.matcher_conf.get("device"),
+                         ray.cluster_resources().get("GPU", 0) >= 1)
         count, _ = _cluster_plan(ray, gpu, self.options,
                                  f"matcher (device {self.matcher_conf.get('device')})")
         t0 = time.perf_counter()

@@ -13,21 +13,17 @@ import torch
 from .. import logger
 from ..errors import DiftSfmError
 from ..models.adm import ADM_256_UNCOND_FILE, ADMUNet, alphas_cumprod, load_adm
-from ..models.files import setup_compile_cache
-from .base import (
+from ..runtime import (
     Compiler,
-    DenseFeatures,
-    DenseFeaturizer,
     OutOfMemoryError,
     cuda_speedups,
     halve_on_oom,
-    image_to_tensor,
-    input_size,
     resolve_device,
     resolve_dtype,
     resolve_flag,
-    seeded_normal,
+    setup_compile_cache,
 )
+from .base import DenseFeatures, DenseFeaturizer, image_to_tensor, input_size, seeded_normal
 
 
 def adm_dift_features(

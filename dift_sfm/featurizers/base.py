@@ -7,23 +7,17 @@ pixel centres at integer coordinates (hloc's convention).
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .. import logger
 from ..descriptor_sampling import sample_descriptors
 from ..errors import DiftSfmError
 from ..planning import featurizer_batch_size
-
-T = TypeVar("T")
-#: CUDA (and other accelerators') out-of-memory error
-OutOfMemoryError: type[Exception] = getattr(torch, "OutOfMemoryError",
-                                            torch.cuda.OutOfMemoryError)
 
 
 class KeypointsLike(Protocol):
@@ -121,58 +115,6 @@ class DenseFeaturizer(Featurizer):
         return [d.sample(k.xy) for d, k in zip(self.dense_batch(images), keypoints, strict=True)]
 
 
-def resolve_device(name: str | None = "auto") -> torch.device:
-    """'auto' -> CUDA if available, else MPS, else CPU; anything else is passed to torch."""
-    if name in (None, "auto"):
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError) as err:
-        raise DiftSfmError(f"Unknown device '{name}': use auto, cpu, cuda, cuda:N or mps.") from err
-    if device.type == "cuda" and not torch.cuda.is_available():
-        why = ("this torch is a CPU-only build" if torch.version.cuda is None
-               else "no CUDA GPU is visible to it")
-        raise DiftSfmError(f"Device '{name}' is not available: {why}. Use device cpu or auto.")
-    return device
-
-
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """'auto' -> bfloat16 on CUDA (fp32 where it matters is the model's job), float32 elsewhere.
-
-    On CPUs without native bf16 (AVX2 only) bf16 is far slower than fp32, hence fp32 there.
-    """
-    if name in (None, "auto"):
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if name not in table:
-        raise ValueError(f"Unknown dtype '{name}', expected one of {sorted(table)} or 'auto'.")
-    return table[name]
-
-
-def resolve_flag(value: bool | str | None, device: torch.device) -> bool:
-    """A speed-up switch: 'auto' (or None) -> on for CUDA only; else the boolean value."""
-    if value in (None, "auto"):
-        return device.type == "cuda"
-    if isinstance(value, str):
-        if value.lower() in ("true", "on", "1", "yes"):
-            return True
-        if value.lower() in ("false", "off", "0", "no"):
-            return False
-        raise DiftSfmError(f"Expected true, false or 'auto', got '{value}'.")
-    return bool(value)
-
-
-def cuda_speedups(device: torch.device) -> None:
-    """Global cuDNN setting for fixed input shapes on CUDA: autotune convolution algorithms."""
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True
-
-
 def input_size(img_size: Any, image_wh: tuple[int, int], multiple: int) -> tuple[int, int]:
     """Network input (W_in, H_in) for an image of ``image_wh`` (W, H), from ``img_size``.
 
@@ -234,119 +176,3 @@ def seeded_normal(seed: int, shapes: Sequence[tuple[int, ...] | None]
     tensors on any device, in any batch or order of images."""
     gen = torch.Generator().manual_seed(int(seed))
     return [None if s is None else torch.randn(s, generator=gen) for s in shapes]
-
-
-def halve_on_oom(run: Callable[[int], T], chunk: int, device: torch.device | None = None
-                 ) -> tuple[T, int]:
-    """``run(chunk)``; on out-of-memory halve ``chunk`` and retry, until 1 fails too.
-
-    Returns (result, the chunk that fitted): callers keep it for the next calls.
-    """
-    chunk = max(1, int(chunk))
-    while True:
-        try:
-            return run(chunk), chunk
-        except OutOfMemoryError:
-            if chunk == 1:
-                raise
-        # Outside the except block, so the failed call's tensors are freed before the retry.
-        chunk = max(1, chunk // 2)
-        logger.warning("Out of GPU memory: retrying with chunk_size=%d.", chunk)
-        if (device is None or device.type == "cuda") and torch.cuda.is_available():
-            torch.cuda.empty_cache()
-
-
-def _raise_recompile_limit(limit: int) -> None:
-    """Raise dynamo's per-function recompile limit (``cache_size_limit`` before torch 2.6)."""
-    import torch._dynamo.config as dynamo_config
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if isinstance(getattr(dynamo_config, name, None), int):
-            setattr(dynamo_config, name, max(getattr(dynamo_config, name), limit))
-            return
-
-
-def _mark_batch_dynamic(values: Sequence[Any]) -> None:
-    """``maybe_mark_dynamic`` dim 0 of the tensors in ``values`` (recursing into tuples/lists)."""
-    for x in values:
-        if isinstance(x, torch.Tensor) and x.dim() > 0:
-            torch._dynamo.maybe_mark_dynamic(x, 0)
-        elif isinstance(x, (tuple, list)):
-            _mark_batch_dynamic(x)
-
-
-class Compiler:
-    """``torch.compile`` modules or methods in place, with a way back to eager mode.
-
-    ``run(fn)`` calls ``fn()``; if it fails while something is compiled (a compiler or backend
-    error, e.g. no C++ compiler or triton), the compiled parts are restored to eager with a
-    logged warning and ``fn()`` is run again. Out-of-memory and DiftSfmError pass through.
-    """
-
-    #: dynamo's per-function cache entries (recompile_limit) at least: blocks of one class share
-    #: a code object, one entry per instance and shape, and past the limit dynamo runs it eagerly
-    RECOMPILE_LIMIT = 64
-
-    def __init__(self, what: str, mode: str | None = None, backend: str | Callable = "inductor",
-                 dynamic_batch: bool = False):
-        self.what, self.mode, self.backend = what, mode, backend
-        self.dynamic_batch = dynamic_batch
-        self._undo: list[Callable[[], None]] = []
-
-    @property
-    def active(self) -> bool:
-        """Whether something is compiled (False again after a fallback to eager)."""
-        return bool(self._undo)
-
-    def _options(self) -> dict[str, Any]:
-        return {"dynamic": False, "backend": self.backend,
-                **({"mode": self.mode} if self.mode else {})}
-
-    def module(self, module: torch.nn.Module) -> None:
-        """Compile ``module``'s calls (its hooks stay outside the compiled graph's caller).
-
-        With ``dynamic_batch`` the first dim of every tensor argument (also in tuples and lists)
-        is marked dynamic before each call, so one graph serves every batch size > 1 (size 1 is
-        specialised by dynamo) and the persistent cache serves other batch sizes too.
-        """
-        _raise_recompile_limit(self.RECOMPILE_LIMIT)
-        if not self.dynamic_batch:
-            module.compile(**self._options())
-        else:
-            compiled = torch.compile(module._call_impl, **self._options())
-
-            def call(*args: Any, **kwargs: Any) -> Any:
-                _mark_batch_dynamic(args)
-                _mark_batch_dynamic(tuple(kwargs.values()))
-                return compiled(*args, **kwargs)
-
-            module._compiled_call_impl = call
-
-        def undo() -> None:
-            module._compiled_call_impl = None
-
-        self._undo.append(undo)
-
-    def method(self, obj: Any, name: str) -> None:
-        """Replace the bound method ``obj.name`` by its compiled version."""
-        setattr(obj, name, torch.compile(getattr(obj, name), **self._options()))
-        self._undo.append(lambda: delattr(obj, name))
-
-    def to_eager(self) -> None:
-        """Restore every compiled module and method."""
-        while self._undo:
-            self._undo.pop()()
-
-    def run(self, fn: Callable[[], T]) -> T:
-        if not self._undo:
-            return fn()
-        try:
-            return fn()
-        except (OutOfMemoryError, DiftSfmError):
-            raise
-        except Exception as err:
-            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:300]
-            logger.warning("torch.compile of %s failed (%s: %s); running it eagerly instead.",
-                           self.what, type(err).__name__, reason)
-            self.to_eager()
-            return fn()

@@ -34,21 +34,18 @@ import torch
 
 from .. import logger
 from ..errors import DiftSfmError
-from ..models.files import setup_compile_cache
 from ..models.sd import SD_MODEL
-from .base import (
+from ..runtime import (
     Compiler,
-    DenseFeatures,
-    DenseFeaturizer,
+    OutOfMemoryError,
     cuda_speedups,
     halve_on_oom,
-    image_to_tensor,
-    input_size,
     resolve_device,
     resolve_dtype,
     resolve_flag,
-    seeded_normal,
+    setup_compile_cache,
 )
+from .base import DenseFeatures, DenseFeaturizer, image_to_tensor, input_size, seeded_normal
 
 
 class _EarlyExit(Exception):
@@ -284,7 +281,7 @@ class SDFeaturizer(DenseFeaturizer):
 
         try:
             feats, self.chunk_size = halve_on_oom(run, self.chunk_size, self.device)
-        except torch.OutOfMemoryError as err:
+        except OutOfMemoryError as err:
             raise DiftSfmError(
                 f"Out of GPU memory even with one UNet sample per call ({err}). Use a "
                 f"smaller featurizer.img_size, dtype bf16/fp16, or another GPU.") from err

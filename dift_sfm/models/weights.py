@@ -1,10 +1,5 @@
-"""Model files shared by every model: the cache folder, the offline switch, weight files and the
-persistent ``torch.compile`` cache.
-
-One cache folder for everything dift-sfm downloads or derives: ``$DIFT_SFM_CACHE``, default
-``~/.cache/dift_sfm``, holding ``prompt_embeds/`` (SD), the ADM checkpoint and
-``torch_compile/`` (inductor/triton kernels, so compiling costs once per machine).
-"""
+"""Getting weights, for every model: reading weight files, the hub's offline switch and a
+load timer. Files go to the one cache folder, ``dift_sfm.runtime.cache_dir()``."""
 
 from __future__ import annotations
 
@@ -18,13 +13,7 @@ import torch
 from .. import logger
 from ..errors import ModelLoadError
 
-CACHE_ENV = "DIFT_SFM_CACHE"
 _TRUE = ("1", "true", "yes", "on")
-
-
-def cache_dir() -> Path:
-    """``$DIFT_SFM_CACHE`` if set, else ``~/.cache/dift_sfm``."""
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "dift_sfm").expanduser()
 
 
 def go_offline_if_unreachable(timeout: float = 3.0) -> bool:
@@ -103,39 +92,4 @@ class Timer:
         self.seconds = time.perf_counter() - self.start
 
 
-def setup_compile_cache() -> Path:
-    """Make ``torch.compile`` results persistent under ``cache_dir()/torch_compile``.
-
-    Sets ``TORCHINDUCTOR_CACHE_DIR`` (inductor's FX-graph and triton kernel caches live below it)
-    unless the user set it to a folder of their own, and enables the FX-graph and AOTAutograd
-    caches, so a second process on the same machine reuses the compiled kernels.
-    """
-    given = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
-    try:  # inductor writes its /tmp default into the variable once it has used it
-        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
-
-        if given and os.path.abspath(given) == os.path.abspath(default_cache_dir()):
-            given = None
-    except Exception:
-        pass
-    folder = Path(given or cache_dir() / "torch_compile")
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(folder)
-    except OSError as err:
-        logger.warning("Cannot create the compile cache %s (%s): compiling will not be "
-                       "reused across runs.", folder, err)
-    try:
-        import torch._functorch.config as functorch_config
-        import torch._inductor.config as inductor_config
-
-        inductor_config.fx_graph_cache = True
-        if hasattr(functorch_config, "enable_autograd_cache"):
-            functorch_config.enable_autograd_cache = True
-    except Exception as err:  # an old or stripped torch: compiling still works, uncached
-        logger.debug("Compile cache settings not applied: %s", err)
-    return folder
-
-
-__all__ = ["CACHE_ENV", "Timer", "cache_dir", "offline", "read_state_dict",
-           "setup_compile_cache"]
+__all__ = ["Timer", "go_offline_if_unreachable", "offline", "read_state_dict"]
