@@ -179,6 +179,12 @@ def _one_of(*choices: str) -> Callable[[Any], str | None]:
     return lambda value: None if value in choices else f"must be one of {', '.join(choices)}"
 
 
+def _mnn_metrics() -> tuple[str, ...]:
+    from .matchers.mnn import METRICS  # loaded with the matcher defaults already
+
+    return METRICS
+
+
 def _device(value: Any) -> str | None:
     if value in (None, "auto"):
         return None
@@ -198,13 +204,15 @@ def _device(value: Any) -> str | None:
 BOUNDS: dict[str, Callable[[Any], str | None]] = {
     "preprocessing.resize_max": _at_least(1, none="full resolution"),
     "preprocessing.min_size": _at_least(1),
+    "preprocessing.detect_max": _at_least(1, none="no bound"),
+    "preprocessing.memory_mb": _at_least(1, none="no budget"),
     "keypoints.max_keypoints": _at_least(1, none="no limit"),
     "keypoints.step": _at_least(1),
     "featurizer.batch_size": _at_least(1),
     "featurizer.ensemble": _at_least(1),
     "featurizer.t": _at_least(0),
     "featurizer.device": _device,
-    "matcher.metric": _one_of("cosine", "l2"),
+    "matcher.metric": lambda value: _one_of(*_mnn_metrics())(value),
     "matcher.ratio_threshold": _in_range(0, 1, none="no ratio test"),
     "matcher.device": _device,
     "matcher.prefetch": _at_least(1),

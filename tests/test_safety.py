@@ -493,6 +493,14 @@ def test_bounds_are_declared_once_and_checked_by_resolve_conf():
         is None  # null: no limit
     with pytest.raises(ConfError, match="ratio_threshold"):
         get_conf("sift", {"matcher.ratio_threshold": 1.5})
+    for key in ("preprocessing.memory_mb", "preprocessing.detect_max"):
+        with pytest.raises(ConfError, match=f"{key}=0 must be at least 1"):
+            get_conf("dift-sd", {key: 0})
+        assert get_conf("dift-sd", {key: None})["preprocessing"][key.split(".")[1]] is None
+    from dift_sfm.matchers.mnn import METRICS  # the matcher's list is the bound's
+
+    for metric in METRICS:
+        assert get_conf("sift", {"matcher.metric": metric})["matcher"]["metric"] == metric
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="needs a CPU-only torch")

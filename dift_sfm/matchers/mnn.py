@@ -15,6 +15,8 @@ import torch.nn.functional as F
 from ..runtime import cache_budget, resolve_device, resolve_flag
 
 _NEG_INF = float("-inf")
+#: distances the MNN matcher knows (``matcher.metric``; the conf bound reads this)
+METRICS = ("cosine", "l2")
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -111,8 +113,8 @@ def mnn_batch(
         per pair, matches0 (N0_b,) int64 (index into desc1[b] or -1) and scores0 (N0_b,)
         float32 (cosine similarity, or exp(-L2 distance); 0 where unmatched).
     """
-    if metric not in ("cosine", "l2"):
-        raise ValueError(f"Unknown metric '{metric}', expected 'cosine' or 'l2'.")
+    if metric not in METRICS:
+        raise ValueError(f"Unknown metric '{metric}', expected one of {', '.join(METRICS)}.")
     if len(desc0) != len(desc1):
         raise ValueError(f"{len(desc0)} desc0 blocks but {len(desc1)} desc1 blocks.")
     results: list[tuple[np.ndarray, np.ndarray] | None] = [None] * len(desc0)
@@ -255,8 +257,6 @@ def mutual_nearest_neighbours(
 
     Ties (equal similarities) go to the lowest index. This is ``mnn_batch`` with one pair.
     """
-    if metric not in ("cosine", "l2"):
-        raise ValueError(f"Unknown metric '{metric}', expected 'cosine' or 'l2'.")
     d0 = torch.as_tensor(np.asarray(desc0) if not torch.is_tensor(desc0) else desc0)
     device = device if device is not None else d0.device
     d0 = prepare_descriptors(d0, metric, device)
@@ -288,8 +288,9 @@ class MNN:
 
     def __init__(self, conf: dict | None = None):
         self.conf = {**self.default_conf, **(conf or {})}
-        if self.conf["metric"] not in ("cosine", "l2"):
-            raise ValueError(f"Unknown metric '{self.conf['metric']}', expected 'cosine' or 'l2'.")
+        if self.conf["metric"] not in METRICS:
+            raise ValueError(f"Unknown metric '{self.conf['metric']}', expected one of "
+                             f"{', '.join(METRICS)}.")
         self.device = resolve_device(self.conf["device"])
         cuda = self.device.type == "cuda"
         batch = self.conf["pair_batch"]
