@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .colmap import DEFAULT_CAMERA_MODE, DEFAULT_CAMERA_MODEL
 from .colmap.database import (
@@ -70,17 +70,23 @@ __all__ = ["PAIR_STRATEGIES", "make_pairs", "reconstruct", "run_pipeline"]
 _held = threading.local()  # .folders: the folders whose lock this thread holds
 
 
-def _one_run_per_folder(param: str) -> Callable[[F], F]:
+def _one_run_per_folder(param: str, check: Callable[..., None] | None = None
+                        ) -> Callable[[F], F]:
     """Decorator: the function holds the lock of ``<folder>/database.db``
     (``colmap.database.lock_database``), the folder being its argument ``param``, while it
     runs. Re-entrant in one thread (``run_pipeline`` calls ``reconstruct``); another process,
-    or thread, gets OutputLockedError at once."""
+    or thread, gets OutputLockedError at once. ``check(**arguments)`` refuses bad arguments
+    before the lock creates the folder."""
     def decorate(fn: F) -> F:
         signature = inspect.signature(fn)
 
         @functools.wraps(fn)
         def locked(*args, **kwargs):
-            folder = Path(signature.bind(*args, **kwargs).arguments[param]).absolute()
+            bound = signature.bind(*args, **kwargs)
+            if check is not None:
+                bound.apply_defaults()
+                check(**bound.arguments)
+            folder = Path(bound.arguments[param]).absolute()
             held = getattr(_held, "folders", None)
             if held is None:
                 held = _held.folders = set()
@@ -97,7 +103,18 @@ def _one_run_per_folder(param: str) -> Callable[[F], F]:
     return decorate
 
 
-@_one_run_per_folder("sfm_dir")
+def _check_mapping_args(mapper: str = DEFAULT_MAPPER, **_: Any) -> None:
+    check_mapper(mapper)
+
+
+def _check_pipeline_args(pairs: str, window: int | None, num_neighbors: int | None,
+                         camera_mode: str, camera_model: str, mapper: str, **_: Any) -> None:
+    check_camera_args(camera_mode, camera_model)
+    check_mapper(mapper)
+    check_pair_args(pairs, window, num_neighbors)
+
+
+@_one_run_per_folder("sfm_dir", check=_check_mapping_args)
 def reconstruct(
     sfm_dir: Path | str,
     image_dir: Path | str,
@@ -125,7 +142,6 @@ def reconstruct(
     One reconstruction per ``sfm_dir`` at a time: another process working there (``reconstruct``,
     ``colmap-import`` on its database) makes this one stop at once with OutputLockedError.
     """
-    check_mapper(mapper)
     sfm_dir, image_dir = Path(sfm_dir), Path(image_dir)
     sfm_dir.mkdir(parents=True, exist_ok=True)
     follow_log_level()
@@ -210,7 +226,7 @@ def make_pairs(strategy: str, names: list[str], output: Path, feature_path: Path
     return path
 
 
-@_one_run_per_folder("output")
+@_one_run_per_folder("output", check=_check_pipeline_args)
 def run_pipeline(
     conf: dict,
     image_dir: Path | str,
@@ -240,10 +256,7 @@ def run_pipeline(
     ``num_neighbors`` of ``None`` take the defaults of ``pairs.generate_pairs``. One run per
     ``output`` folder at a time, as for ``reconstruct``.
     """
-    image_dir, output = Path(image_dir), Path(output)
-    check_camera_args(camera_mode, camera_model)  # fail before any work
-    check_mapper(mapper)
-    check_pair_args(pairs, window, num_neighbors)
+    image_dir, output = Path(image_dir), Path(output)  # arguments checked by the decorator
     names = resolve_image_list(image_dir, image_list)  # refuses colliding names
     check_pairable(names, f"image folder {image_dir}")  # before extraction, naming the file
     output.mkdir(parents=True, exist_ok=True)
