@@ -5,10 +5,15 @@ The thread policy (``THREAD_ENV``, applied by ``import dift_sfm`` before torch l
 torch's OpenMP workers spin-wait at the end of each parallel region by default; when another
 process takes a core, the thread that holds the rest of the work is descheduled while its
 partner spins on the other core, and every small parallel region waits a scheduler time
-slice (matching became 50-150x slower beside one busy process on 2 cores). With
-``OMP_WAIT_POLICY=PASSIVE`` waiting threads sleep, the scheduler moves the late thread to the
-freed core, and throughput follows the cores a process still gets. Values the user set are
-never overridden (``OMP_*``, ``GOMP_*``, ``KMP_*``, explicit ``torch.set_num_threads``).
+slice (matching became 50-150x slower beside one busy process on 2 cores). Sleeping at once
+(``OMP_WAIT_POLICY=PASSIVE``) cures that but costs on a quiet machine, where every small
+parallel region then wakes its threads (matching 1.7x slower alone, measured on a 2-core VM).
+So waiting threads spin briefly, then sleep: ``GOMP_SPINCOUNT=1000`` for GNU OpenMP (torch's
+Linux wheels; its default is 300,000) and ``KMP_BLOCKTIME=0`` for Intel's / LLVM's runtime.
+Throughput then follows the cores a process still gets, and a quiet run costs about what it
+did (docs/benchmarks.md, "CPU contention"). Values the user set are never overridden
+(``OMP_WAIT_POLICY``, ``GOMP_SPINCOUNT``, ``KMP_BLOCKTIME``, ``OMP_NUM_THREADS``, explicit
+``torch.set_num_threads``).
 
 This module imports torch only inside its functions, so that ``dift_sfm/__init__`` can apply
 the thread policy before torch is imported.
@@ -34,7 +39,7 @@ T = TypeVar("T")
 # --------------------------------------------------------------------------- threads
 #: The thread policy: environment variables set before torch (and its OpenMP runtime) loads,
 #: each only where the user has not set it. The one place of this default.
-THREAD_ENV: dict[str, str] = {"OMP_WAIT_POLICY": "PASSIVE"}
+THREAD_ENV: dict[str, str] = {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
 #: Variables that, when the user set any of them, mean "the user chose the OpenMP waiting
 #: behaviour": the policy then leaves the process alone.
 _USER_WAIT_VARS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME")
@@ -43,9 +48,10 @@ thread_policy_state: dict[str, Any] = {}
 
 
 def thread_env() -> dict[str, str]:
-    """The policy's variables as this process has them (the user's values where set): what a
-    child process or a Ray worker should get."""
-    return {k: os.environ.get(k, v) for k, v in THREAD_ENV.items()}
+    """The OpenMP waiting settings of this process (the user's, where they chose any, else the
+    policy's): what a child process or a Ray worker should get."""
+    chosen = {k: os.environ[k] for k in _USER_WAIT_VARS if k in os.environ}
+    return chosen or dict(THREAD_ENV)
 
 
 def apply_thread_policy() -> dict[str, Any]:
@@ -56,7 +62,7 @@ def apply_thread_policy() -> dict[str, Any]:
     that imports torch before dift_sfm) and the user chose neither a waiting policy nor a
     thread count, the waiting policy can no longer change, so torch's intra-op threads are
     reduced to one (no thread ever waits on another), logged at debug level: import dift_sfm
-    first, or set ``OMP_WAIT_POLICY=PASSIVE`` yourself, to keep every core.
+    first, or set ``GOMP_SPINCOUNT=1000`` yourself, to keep every core.
 
     Returns ``thread_policy_state``: ``env`` (variables set here), ``torch_first`` and
     ``num_threads`` (set at runtime, or None).
@@ -68,7 +74,7 @@ def apply_thread_policy() -> dict[str, Any]:
     state: dict[str, Any] = {"env": {}, "torch_first": torch_first, "num_threads": None}
     if not torch_first:
         for key, value in THREAD_ENV.items():
-            if key not in os.environ and not (key == "OMP_WAIT_POLICY" and user_chose_wait):
+            if not user_chose_wait:
                 os.environ[key] = value
                 state["env"][key] = value
     elif not user_chose_wait and "OMP_NUM_THREADS" not in os.environ:
@@ -79,7 +85,7 @@ def apply_thread_policy() -> dict[str, Any]:
             state["num_threads"] = 1
             logger.debug("torch was imported before dift_sfm, so its OpenMP threads keep "
                          "spin-waiting (OMP_WAIT_POLICY could not be set): using one intra-op "
-                         "thread. Import dift_sfm first or set OMP_WAIT_POLICY=PASSIVE to use "
+                         "thread. Import dift_sfm first or set GOMP_SPINCOUNT=1000 to use "
                          "every core.")
     thread_policy_state.update(state)
     return thread_policy_state

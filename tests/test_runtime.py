@@ -45,10 +45,13 @@ print(json.dumps({{"env": {{k: os.environ.get(k) for k in {vars!r}}},
 
 def test_import_sets_the_policy_before_torch():
     got = _python(PROBE.format(before="", vars=POLICY_VARS))
-    assert got["env"]["OMP_WAIT_POLICY"] == runtime.THREAD_ENV["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert runtime.THREAD_ENV == {"GOMP_SPINCOUNT": "1000", "KMP_BLOCKTIME": "0"}
+    for key, value in runtime.THREAD_ENV.items():
+        assert got["env"][key] == value
+    assert got["env"]["OMP_WAIT_POLICY"] is None  # a short spin, not PASSIVE (see runtime)
     assert got["torch_imported_after"]  # so torch's OpenMP runtime reads the variable
     assert got["env"]["OMP_NUM_THREADS"] is None  # the thread count is left to torch / Ray
-    assert got["state"]["env"] == {"OMP_WAIT_POLICY": "PASSIVE"}
+    assert got["state"]["env"] == runtime.THREAD_ENV
     assert got["threads"] == runtime.available_cpus()  # every core on a quiet machine
 
 
@@ -58,8 +61,9 @@ def test_the_users_openmp_settings_win(user):
     got = _python(PROBE.format(before="", vars=POLICY_VARS), **user)
     for key, value in user.items():
         assert got["env"][key] == value
-    if "OMP_WAIT_POLICY" not in user:  # the user chose how OpenMP waits: nothing is added
-        assert got["env"]["OMP_WAIT_POLICY"] is None
+    for key in runtime.THREAD_ENV:  # the user chose how OpenMP waits: nothing is added
+        if key not in user:
+            assert got["env"][key] is None
     assert got["state"]["env"] == {}
 
 
@@ -81,14 +85,15 @@ def test_cli_module_gets_the_policy(tmp_path: Path):
     code = ("import json, os, runpy, sys; sys.argv = ['dift-sfm', 'confs'];\n"
             "try:\n    runpy.run_module('dift_sfm.cli', run_name='__main__')\n"
             "except SystemExit:\n    pass\n"
-            "print(json.dumps({'policy': os.environ.get('OMP_WAIT_POLICY')}))")
-    assert _python(code)["policy"] == "PASSIVE"
+            "print(json.dumps({'policy': os.environ.get('GOMP_SPINCOUNT')}))")
+    assert _python(code)["policy"] == runtime.THREAD_ENV["GOMP_SPINCOUNT"]
 
 
 def test_ray_runtime_env_keeps_given_values(monkeypatch):
-    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    assert runtime.ray_runtime_env()["env_vars"] == {"OMP_WAIT_POLICY": "PASSIVE"}
-    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    for key in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "KMP_BLOCKTIME"):
+        monkeypatch.delenv(key, raising=False)
+    assert runtime.ray_runtime_env()["env_vars"] == runtime.THREAD_ENV
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")  # the user's choice, alone, is passed on
     env = runtime.ray_runtime_env({"pip": ["x"], "env_vars": {"A": "1"}})
     assert env == {"pip": ["x"], "env_vars": {"OMP_WAIT_POLICY": "ACTIVE", "A": "1"}}
     env = runtime.ray_runtime_env({"env_vars": {"OMP_WAIT_POLICY": "X"}})
@@ -105,12 +110,13 @@ import dift_sfm.runtime as rt
 ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
 probe = ray.remote(rt.thread_env)
 print(json.dumps({"worker": ray.get(probe.remote()),
-                  "pid_env": ray.get(ray.remote(lambda: os.environ.get("OMP_WAIT_POLICY"))
+                  "pid_env": ray.get(ray.remote(lambda: os.environ.get("GOMP_SPINCOUNT"))
                                      .remote())}))
 ray.shutdown()
 """
     got = _python(code)
-    assert got["worker"] == {"OMP_WAIT_POLICY": "PASSIVE"} and got["pid_env"] == "PASSIVE"
+    assert got["worker"] == runtime.THREAD_ENV
+    assert got["pid_env"] == runtime.THREAD_ENV["GOMP_SPINCOUNT"]
 
 
 def test_pool_opencv_threads_and_wants_cuda():
@@ -130,9 +136,11 @@ def test_pool_opencv_threads_and_wants_cuda():
 
 
 # --------------------------------------------------------------------------- same results
-#: thread policies a user may run under: ours on all cores, one thread, the old spinning
-#: default, and a run whose preparation pool is off (OpenCV then keeps its own threads)
+#: thread policies a user may run under: ours on all cores (nothing set), PASSIVE, one
+#: thread, the old spinning default, and a run whose preparation pool is off (OpenCV then
+#: keeps its own threads)
 POLICIES = {
+    "ours": {},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "one_thread": {"OMP_NUM_THREADS": "1", "OMP_WAIT_POLICY": "PASSIVE"},
     "spinning": {"OMP_WAIT_POLICY": "ACTIVE"},
