@@ -188,6 +188,8 @@ def main() -> None:
     parser.add_argument("--dir", type=Path, default=None, help="where the outputs are built")
     args = parser.parse_args()
     logging.getLogger("dift_sfm").setLevel(logging.WARNING)
+    if args.dir is not None:
+        args.dir.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         folder = Path(tmp)
         result = {"append": append_costs(folder, args.sizes, args.repeats),
