@@ -301,8 +301,11 @@ def test_cli_kill_keeps_entries_finished_before_a_big_image(tmp_path):
     out = tmp_path / "f.h5"
     args = [sys.executable, "-m", "dift_sfm.cli", "extract", str(images), "-o", str(out),
             "--conf", "sift"]
-    proc = subprocess.Popen(args, env={**CLI_ENV, "OMP_NUM_THREADS": "1"}, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    # every progress update is printed (tqdm otherwise skips "3/4" when the three small
+    # images finish within its 0.1 s refresh interval)
+    env = {**CLI_ENV, "OMP_NUM_THREADS": "1", "TQDM_MININTERVAL": "0", "TQDM_MINITERS": "1"}
+    proc = subprocess.Popen(args, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE)
     seen = bytearray()
     reader = threading.Thread(target=lambda: [seen.extend(c) for c in iter(
         lambda: proc.stderr.read1(4096), b"")], daemon=True)

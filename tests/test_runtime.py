@@ -12,7 +12,7 @@ from pathlib import Path
 import cv2
 import pytest
 import torch
-from conftest import CLI_ENV, DATA, REPO, SHARED, assert_same_h5, texture
+from conftest import CLI_ENV, DATA, REPO, SHARED, assert_same_h5, texture_folder
 
 from dift_sfm import runtime
 
@@ -184,10 +184,7 @@ def test_tiny_sd_results_identical_whatever_the_wait_policy(tmp_path: Path):
     count, so both runs use the same count.)"""
     if not (TINY_SD / "unet").is_dir():
         pytest.skip(f"tiny SD conformance model not found at {TINY_SD}")
-    images = tmp_path / "images"
-    images.mkdir()
-    for i in range(3):
-        cv2.imwrite(str(images / f"im{i}.png"), texture(96, 128, seed=40 + i))
+    images = texture_folder(tmp_path / "images", 3, 96, 128)
     threads = str(min(2, os.cpu_count() or 1))
     outs = []
     for name in ("PASSIVE", "ACTIVE"):
