@@ -400,18 +400,26 @@ def test_sigterm_under_pycolmap_is_ctrl_c_and_keeps_work(tmp_path):
     assert len(list_names(out / "feats-sift.h5")) == 40
 
 
+def _interrupt_probe(setup: str, trigger: str) -> subprocess.CompletedProcess:
+    """A fresh interpreter installs our handler, runs ``setup``, then ``trigger`` and waits up
+    to 60 s at safe points; it exits 130 once the interrupt raised where it propagates."""
+    script = ("import os, signal, sys, threading, time, weakref\n"
+              "from dift_sfm import interrupts\n"
+              "interrupts.install()\n"
+              f"{setup}"
+              "try:\n"
+              f"    {trigger}\n"
+              "    for _ in range(6000): time.sleep(0.01)\n"
+              "except KeyboardInterrupt:\n"
+              "    sys.exit(130)\n")
+    return subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True,
+                          text=True, timeout=120)
+
+
 def test_handler_put_back_after_pycolmap_import_in_any_thread():
-    probe = ("import os, signal, sys, threading, time\n"
-             "from dift_sfm import interrupts\n"
-             "interrupts.install()\n"
-             "t = threading.Thread(target=lambda: __import__('pycolmap')); t.start(); t.join()\n"
-             "try:\n"
-             "    os.kill(os.getpid(), signal.SIGTERM)\n"
-             "    for _ in range(6000): time.sleep(0.01)\n"
-             "except KeyboardInterrupt:\n"
-             "    sys.exit(130)\n")
-    result = subprocess.run([sys.executable, "-c", probe], env=ENV, capture_output=True,
-                            text=True, timeout=120)
+    result = _interrupt_probe(
+        "t = threading.Thread(target=lambda: __import__('pycolmap')); t.start(); t.join()\n",
+        "os.kill(os.getpid(), signal.SIGTERM)")
     assert result.returncode == 130 and "*** SIGTERM" not in result.stderr, result.stderr
 
 
@@ -584,24 +592,16 @@ def test_sigterm_under_ray_is_ctrl_c_and_stops_the_cluster_it_started(shared_dat
 def test_sigterm_while_another_swallowed_exception_is_printed_is_not_lost():
     """The handler fires inside the unraisable hook itself (printing another swallowed
     exception), where raising would be lost too: it is delivered once the hook returned."""
-    script = ("import signal, sys, time, weakref\n"
-              "from dift_sfm import interrupts\n"
-              "interrupts.install()\n"
-              "printer = interrupts._previous_unraisablehook\n"
-              "def printing(unraisable):\n"
-              "    signal.raise_signal(signal.SIGTERM)\n"
-              "    printer(unraisable)\n"
-              "interrupts._previous_unraisablehook = printing\n"
-              "class Box: pass\n"
-              "box = Box()\n"
-              "def fail(_): raise ValueError('another swallowed error')\n"
-              "ref = weakref.ref(box, fail)\n"
-              "try:\n"
-              "    del box\n"
-              "    for _ in range(6000): time.sleep(0.01)\n"
-              "except KeyboardInterrupt:\n"
-              "    sys.exit(130)\n")
-    result = subprocess.run([sys.executable, "-c", script], env=ENV, capture_output=True,
-                            text=True, timeout=120)
+    result = _interrupt_probe(
+        "printer = interrupts._previous_unraisablehook\n"
+        "def printing(unraisable):\n"
+        "    signal.raise_signal(signal.SIGTERM)\n"
+        "    printer(unraisable)\n"
+        "interrupts._previous_unraisablehook = printing\n"
+        "class Box: pass\n"
+        "box = Box()\n"
+        "def fail(_): raise ValueError('another swallowed error')\n"
+        "ref = weakref.ref(box, fail)\n",
+        "del box")
     assert result.returncode == 130, result.stderr
     assert "another swallowed error" in result.stderr  # the other one is still printed
