@@ -47,22 +47,20 @@ logger = logging.getLogger("dift_sfm")
 
 
 
-def _may_keep(source: Path, conf: dict, overwrite: bool) -> bool:
+def _stored_confs(sources: list[Path]) -> dict[Path, dict | None]:
+    """The conf stored in each features file or shard of an output (one read each)."""
+    confs = {}
+    for source in sources:
+        with FeaturesReader(source) as f:
+            confs[source] = f.conf
+    return confs
+
+
+def _may_keep(source: Path, stored: dict | None, conf: dict, overwrite: bool) -> bool:
     """The resume rule applied to one features file or shard: may its entries be kept?"""
-    with FeaturesReader(source) as f:
-        stored = f.conf
     return may_resume(source, feature_settings(stored) if stored else None,
                       feature_settings(conf), overwrite, "features file",
                       stored.get("name") if stored else None)
-
-
-def _follow_stored(sources: list[Path], conf: dict) -> dict:
-    """``conf`` with the storage settings (float16 descriptors) of the output being resumed."""
-    for source in sources:
-        with FeaturesReader(source) as f:
-            stored = f.conf
-        conf = follow_stored(stored, conf, source, "features file")
-    return conf
 
 
 def _existing_dim(features: FeaturesReader | None, done: set[str]) -> int | None:
@@ -407,10 +405,13 @@ def extract_features(
                   "conf_json": json.dumps({k: conf[k] for k in CONF_SECTIONS})}
     writer = ShardedH5Writer(feature_path, is_complete_features, root_attrs)  # locks the output
     try:
+        stored = _stored_confs(writer.sources())
         if not overwrite:  # an existing output keeps its own storage settings
-            conf = _follow_stored(list(writer.sources()), conf)
+            for source, stored_conf in stored.items():
+                conf = follow_stored(stored_conf, conf, source, "features file")
             writer.root_attrs["conf_json"] = json.dumps({k: conf[k] for k in CONF_SECTIONS})
-        keep = all(_may_keep(source, conf, overwrite) for source in writer.sources())
+        keep = all(_may_keep(source, stored_conf, conf, overwrite)
+                   for source, stored_conf in stored.items())
         if not keep:
             writer.discard_pending()
         with FeaturesReader(feature_path) if keep and feature_path.exists() else nullcontext() \
