@@ -322,26 +322,75 @@ def _add_reconstruct(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--mapper", choices=list(MAPPERS), default=MAPPERS[0],
                    help="COLMAP mapper (see docs/reconstruction.md), default: %(default)s")
     p.add_argument("--overwrite", action="store_true", help="recompute features and matches")
-    add_conf_args(p)
+    p.add_argument("--features", type=Path,
+                   help="map existing files instead (e.g. hloc's, or those of a colmap-import): "
+                        "this features.h5, with --matches and --pairs FILE; nothing is "
+                        "extracted or matched")
+    p.add_argument("--matches", type=Path, help="the matches.h5 that goes with --features")
+    add_conf_args(p, default=None,
+                  conf_help="named conf (see `dift-sfm confs`), default: sift")
     add_ray_args(p)
     p.set_defaults(func=_run_reconstruct)
+
+
+#: what ``reconstruct`` does only when it extracts and matches: refused with --features
+_COMPUTE_OPTIONS = {"window": "--window", "num_neighbors": "--num-neighbors",
+                    "retrieval_method": "--retrieval-method", "overwrite": "--overwrite",
+                    "conf": "--conf", "overrides": "--set", "model": "--model",
+                    "max_keypoints": "--max-keypoints", "device": "--device", "ray": "--ray",
+                    "ray_address": "--ray-address", "workers": "--workers",
+                    "ray_shared_fs": "--ray-shared-fs"}
 
 
 def _run_reconstruct(args: argparse.Namespace) -> int:
     from .sfm import run_pipeline
 
-    _, summary = run_pipeline(
-        conf_from_args(args), args.image_dir, args.output, pairs=args.pairs, window=args.window,
-        num_neighbors=args.num_neighbors, retrieval_method=args.retrieval_method,
-        image_list=args.image_list, camera_mode=args.camera_mode,
-        camera_model=args.camera_model, min_model_size=args.min_model_size,
-        overwrite=args.overwrite, ray=ray_options_from_args(args), mapper=args.mapper)
+    if args.features is not None or args.matches is not None:
+        summary = _reconstruct_existing(args)
+    else:
+        args.conf = args.conf or "sift"
+        _, summary = run_pipeline(
+            conf_from_args(args), args.image_dir, args.output, pairs=args.pairs,
+            window=args.window, num_neighbors=args.num_neighbors,
+            retrieval_method=args.retrieval_method, image_list=args.image_list,
+            camera_mode=args.camera_mode, camera_model=args.camera_model,
+            min_model_size=args.min_model_size, overwrite=args.overwrite,
+            ray=ray_options_from_args(args), mapper=args.mapper)
     print(summary.format())
     if summary.failed_images:  # like `extract`: the rest is done, but say so in the exit code
         logger.error("%d unreadable image(s) are not in the model: %s",
                      len(summary.failed_images), ", ".join(summary.failed_images))
         return 1
     return 0
+
+
+def _reconstruct_existing(args: argparse.Namespace):
+    """``reconstruct --features F --matches M --pairs FILE``: database, verification and the
+    chosen mapper on existing hloc files (``sfm.reconstruct``, as hloc's reconstruction)."""
+    from .images import read_image_list
+    from .report.reconstruction import report_after_run
+    from .sfm import reconstruct
+
+    if args.features is None or args.matches is None:
+        raise DiftSfmError("--features and --matches go together: give both files to map "
+                           "them, or neither to extract and match the images.")
+    given = [flag for dest, flag in _COMPUTE_OPTIONS.items() if getattr(args, dest, None)]
+    if given:
+        raise DiftSfmError(f"{given[0]} only applies when `reconstruct` extracts and matches; "
+                           "with --features/--matches the files are mapped as they are.")
+    pairs = Path(args.pairs)
+    if not pairs.is_file():
+        raise DiftSfmError(f"With --features/--matches, --pairs must be the pairs file the "
+                           f"matches were computed for; '{args.pairs}' is not a file.")
+    for path in (args.features, args.matches):
+        if not path.is_file():
+            raise DiftSfmError(f"{path} does not exist.")
+    names = None if args.image_list is None else read_image_list(args.image_list)
+    _, summary = reconstruct(args.output, args.image_dir, pairs, args.features, args.matches,
+                             args.camera_mode, args.camera_model, image_list=names,
+                             min_model_size=args.min_model_size, mapper=args.mapper)
+    report_after_run(args.output, args.image_dir, summary, args.features, args.matches, pairs)
+    return summary
 
 
 def _add_colmap_import(sub: argparse._SubParsersAction) -> None:
@@ -364,7 +413,10 @@ def _run_colmap_import(args: argparse.Namespace) -> int:
     print(f"Imported {stats.num_images} images ({stats.num_keypoints} keypoints) and "
           f"{stats.num_pairs} pairs ({stats.num_matches} raw matches) into {args.database}.\n"
           f"Next: geometric verification, pycolmap.geometric_verification('{args.database}')"
-          ", then `colmap mapper` or pycolmap.incremental_mapping.")
+          ", then mapping (`colmap mapper`, pycolmap.incremental_mapping or global_mapping); "
+          "or map these files in a new database with the mapper of your choice: `dift-sfm "
+          "reconstruct IMAGE_DIR -o OUT --features ... --matches ... --pairs ... --mapper "
+          "incremental|global|hierarchical`.")
     return 0
 
 

@@ -24,7 +24,7 @@ from .formats.features import (
     feature_settings,
     is_complete_features,
 )
-from .formats.h5store import ShardedH5Writer
+from .formats.h5store import ShardedH5Writer, build_piece
 from .formats.resume import CONF_SECTIONS, follow_stored, may_resume
 from .images import (
     MAX_PIXELS,
@@ -81,8 +81,47 @@ class Described:
     descriptors: np.ndarray  # (N, D) float32, L2-normalised
 
 
+def feature_entry(result: Described, as_half: bool) -> dict[str, np.ndarray]:
+    """The datasets of ``result``'s features.h5 entry (the one rule for the driver's writes and
+    the pieces workers pack)."""
+    kpts = result.keypoints
+    return feature_datasets(kpts.xy, result.descriptors, kpts.scores, result.image_size,
+                            as_half)
+
+
+@dataclass(frozen=True)
+class Storage:
+    """How the driver stores entries, decided once it has read what the output holds: a
+    backend that runs elsewhere packs its results with it (``pack_described``), so that a piece
+    holds exactly what the driver's ``write`` of each entry would."""
+
+    as_half: bool  # descriptors stored as float16
+    root_attrs: dict  # the output's root attributes (conf), carried by each piece
+
+
+@dataclass
+class Packed:
+    """Described images already packed by a worker into a piece (a closed shard's bytes,
+    ``formats.h5store.build_piece``): the driver stores it as it is
+    (``ShardedH5Writer.add_piece``), with no HDF5 work per entry."""
+
+    names: list[str]  # in the order of the names the backend was given
+    dim: int  # descriptor size
+    piece: bytes
+
+
+def pack_described(results: list[Described], storage: Storage) -> Packed:
+    """Pack one batch's results (same featurizer, so one descriptor size) into a piece."""
+    dim = int(results[0].descriptors.shape[1])
+    entries = ((r.name, feature_entry(r, storage.as_half), None) for r in results)
+    piece = build_piece(entries, {**storage.root_attrs, "featurizer_dim": dim})
+    return Packed([r.name for r in results], dim, piece)
+
+
 #: What an extraction backend yields, in the order of the names it was given: the result of
-#: each image, or the ImageReadError that names why it could not be used.
+#: each image, or the ImageReadError that names why it could not be used. A backend that
+#: declares ``packs_pieces = True`` is called as ``backend(names, storage=Storage)`` and may
+#: yield ``Packed`` batches instead of single results.
 Outcome = tuple[str, "Described | ImageReadError"]
 
 
@@ -429,21 +468,34 @@ def extract_features(
         pre = conf["preprocessing"]
         backend = backend or LocalBackend(conf, image_dir, featurizer, pre["num_workers"],
                                           pre["worker_type"])
-        for name, result in progress(backend(todo), total=len(todo), desc="extract", unit="img"):
-            if isinstance(result, ImageReadError):
-                failures[name] = str(result)
-                logger.error("%s", result)
-                continue
-            dim = result.descriptors.shape[1]
+        if getattr(backend, "packs_pieces", False):
+            outcomes = backend(todo, storage=Storage(as_half, dict(writer.root_attrs)))
+        else:
+            outcomes = backend(todo)
+
+        def check_dim(dim: int) -> None:
             if existing_dim is not None and dim != existing_dim:
                 raise FormatError(
                     f"Features file {feature_path} holds {existing_dim}-D descriptors but conf "
                     f"'{conf.get('name')}' gives {dim}-D ones: use another --output "
                     "or --overwrite.")
             writer.root_attrs["featurizer_dim"] = dim
-            kpts = result.keypoints
-            writer.write(name, feature_datasets(kpts.xy, result.descriptors, kpts.scores,
-                                                result.image_size, as_half))
+
+        with progress(None, total=len(todo), desc="extract", unit="img") as bar:
+            for outcome in outcomes:
+                if isinstance(outcome, Packed):  # a worker's finished batch, stored as it is
+                    check_dim(outcome.dim)
+                    writer.add_piece(outcome.piece, outcome.names)
+                    bar.update(len(outcome.names))
+                    continue
+                name, result = outcome
+                if isinstance(result, ImageReadError):
+                    failures[name] = str(result)
+                    logger.error("%s", result)
+                else:
+                    check_dim(result.descriptors.shape[1])
+                    writer.write(name, feature_entry(result, as_half))
+                bar.update()
         writer.finalize(drop_existing=not keep)
     except BaseException:
         writer.close()  # finished images stay in shards; the next run picks them up
@@ -452,7 +504,7 @@ def extract_features(
     if dim:
         from .pca import reduce_features_file
 
-        reduce_features_file(feature_path, dim)
+        reduce_features_file(feature_path, dim, names=names)  # what was asked, not the file
     if failures:
         raise PartialFailure(
             f"{len(failures)} of {len(names)} images failed (the others were written to "

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ import numpy as np
 from .confs import get_conf, resolve_conf
 from .errors import FormatError
 from .formats.features import FeaturesReader, feature_settings
-from .formats.h5store import ShardedH5Writer
+from .formats.h5store import ShardedH5Writer, build_piece
 from .formats.matches import (
     MatchesReader,
     check_pair_keys,
@@ -33,7 +34,36 @@ logger = logging.getLogger("dift_sfm")
 
 
 #: What a matching backend yields, in any order (each entry is written under its pair key).
+#: A backend that declares ``packs_pieces = True`` is called as
+#: ``backend(pairs, features, root_attrs=...)`` and may yield ``PackedPairs`` instead.
 PairMatches = tuple[tuple[str, str], np.ndarray, np.ndarray]  # pair, matches0, scores0
+
+
+def match_entry(pair: tuple[str, str], matches0: np.ndarray, scores0: np.ndarray,
+                fingerprint0: str, fingerprint1: str) -> tuple[str, dict, dict]:
+    """(key, datasets, attributes) of one pair's matches.h5 entry: the one rule for the
+    driver's writes and the pieces workers pack."""
+    return (pair_key(*pair), match_datasets(matches0, scores0),
+            match_attrs(fingerprint0, fingerprint1))
+
+
+@dataclass
+class PackedPairs:
+    """Matched pairs already packed by a worker into a piece (a closed shard's bytes,
+    ``formats.h5store.build_piece``): the driver stores it as it is
+    (``ShardedH5Writer.add_piece``), with no HDF5 work per pair."""
+
+    pairs: list[tuple[str, str]]
+    piece: bytes
+
+
+def pack_matches(pairs: list[tuple[str, str]], results: Iterable[tuple[np.ndarray, np.ndarray]],
+                 fingerprints: Mapping[str, str], root_attrs: dict) -> PackedPairs:
+    """Pack the results of ``pairs`` ((matches0, scores0) each, in order) into a piece whose
+    entries record ``fingerprints`` (``FeaturesReader.fingerprint`` of each image)."""
+    entries = (match_entry(pair, m0, s0, fingerprints[pair[0]], fingerprints[pair[1]])
+               for pair, (m0, s0) in zip(pairs, results, strict=True))
+    return PackedPairs(list(pairs), build_piece(entries, root_attrs))
 
 
 class _Resident:
@@ -292,11 +322,21 @@ def _match(conf: dict, pairs_path: Path, features: FeaturesReader, match_path: P
         logger.info("Matching %d pairs (%d already done) into %s.", len(todo),
                     len(pairs) - len(todo), match_path)
         backend = backend or LocalBackend(mconf)
-        # the driver's write loop: whatever backend computed them, pairs are written here only
-        for (name0, name1), m0, s0 in progress(backend(todo, features), total=len(todo),
-                                               desc="match", unit="pair"):
-            writer.write(pair_key(name0, name1), match_datasets(m0, s0),
-                         match_attrs(fingerprint(name0), fingerprint(name1)))
+        if getattr(backend, "packs_pieces", False):
+            outcomes = backend(todo, features, root_attrs=dict(writer.root_attrs))
+        else:
+            outcomes = backend(todo, features)
+        # the driver's write loop: whatever backend computed them, pairs are stored here only
+        with progress(None, total=len(todo), desc="match", unit="pair") as bar:
+            for outcome in outcomes:
+                if isinstance(outcome, PackedPairs):  # a worker's finished block, as it is
+                    writer.add_piece(outcome.piece, [pair_key(*p) for p in outcome.pairs])
+                    bar.update(len(outcome.pairs))
+                    continue
+                pair, m0, s0 = outcome
+                writer.write(*match_entry(pair, m0, s0, fingerprint(pair[0]),
+                                          fingerprint(pair[1])))
+                bar.update()
         writer.finalize(drop_existing=not keep)
     except BaseException:
         writer.close()

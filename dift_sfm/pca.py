@@ -73,20 +73,26 @@ def _sample(features: FeaturesReader, names: list[str], max_samples: int,
 
 
 def reduce_features_file(feature_path: str | os.PathLike, dim: int | None,
-                         max_samples: int = 100_000, seed: int = 0) -> Path:
+                         max_samples: int = 100_000, seed: int = 0,
+                         names: list[str] | None = None) -> Path:
     """Reduce every descriptor in an hloc features.h5 to ``dim`` dimensions with PCA.
 
     Contract with the extract step: after ``extract_features`` has written ``feature_path``,
-    it calls ``reduce_features_file(feature_path, conf["pca"]["dim"])``; ``dim`` None means no
-    PCA and returns at once. Only ``descriptors`` change, to (dim, N), same float dtype,
-    L2-normalised columns, and the group gets attribute ``pca_dim``.
+    it calls ``reduce_features_file(feature_path, conf["pca"]["dim"], names=...)``; ``dim``
+    None means no PCA and returns at once. Only ``descriptors`` change, to (dim, N), same float
+    dtype, L2-normalised columns, and the group gets attribute ``pca_dim``.
 
     The basis is fitted on up to ``max_samples`` descriptors drawn uniformly from all entries
     (seeded), or, if the file's root attributes already hold one, reused: a re-run after new
     images were added projects only the entries without ``pca_dim``, with the same basis.
 
-    The file is rewritten through ``formats.h5store.ShardedH5Writer`` (never in place; a crash
-    leaves the old file or resumable shards).
+    ``names``: the entries to look at (default: every entry of the file). ``extract`` passes
+    the images it was asked for, so that adding images to a large reduced file costs what is
+    added, not a walk over the whole file.
+
+    The reduced entries go through ``formats.h5store.ShardedH5Writer`` (appended under its redo
+    journal, or a rewrite when they replace most of the file; a crash leaves the old file or
+    resumable shards).
 
     Raises FormatError if the file holds a basis of another ``dim`` or mixes descriptor sizes.
     """
@@ -97,7 +103,7 @@ def reduce_features_file(feature_path: str | os.PathLike, dim: int | None,
         raise FormatError(f"Features file {path} does not exist: run the extract step first.")
     dim = int(dim)
     with FeaturesReader(path) as f:
-        names = f.names
+        names = f.names if names is None else [n for n in dict.fromkeys(names) if n in f]
         todo = [n for n in names if REDUCED_ATTR not in f.entry_attrs(n)]
         has_basis = COMPONENTS_ATTR in f.attrs
         if has_basis:

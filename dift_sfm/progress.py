@@ -11,7 +11,8 @@ from tqdm import tqdm
 T = TypeVar("T")
 
 
-def progress(iterable: Iterable[T], disable: bool = False, **kwargs) -> Iterable[T]:
-    """``tqdm(iterable)``, hidden when the ``dift_sfm`` logger is quieter than INFO."""
+def progress(iterable: Iterable[T] | None, disable: bool = False, **kwargs) -> tqdm:
+    """``tqdm(iterable)``, hidden when the ``dift_sfm`` logger is quieter than INFO (``None``:
+    a bar moved with ``update``)."""
     quiet = logging.getLogger("dift_sfm").getEffectiveLevel() > logging.INFO
     return tqdm(iterable, disable=disable or quiet, **kwargs)

@@ -338,7 +338,7 @@ def test_cli_kill_during_an_append_into_a_large_output(tmp_path):
 
     images = tmp_path / "images"
     images.mkdir()
-    for i in range(8):
+    for i in range(40):  # enough work that the kill lands mid-run on a quiet machine too
         cv2.imwrite(str(images / f"n{i}.jpg"), texture(300, 400, seed=20 + i))
     first = tmp_path / "first.txt"
     first.write_text("n0.jpg\n")
@@ -365,6 +365,88 @@ def test_cli_kill_during_an_append_into_a_large_output(tmp_path):
     rerun = subprocess.run(base, env=CLI_ENV, cwd=REPO, capture_output=True, text=True,
                            timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-2000:]
-    new = [f"n{i}.jpg" for i in range(8)]
+    new = [f"n{i}.jpg" for i in range(40)]
     assert _contents(out, new + _names(0, 2000)[::400]) == \
         _contents(ref, new + _names(0, 2000)[::400])
+
+
+def test_packed_pieces_hold_what_the_drivers_writes_would(tmp_path):
+    """``extract.pack_described`` / ``match.pack_matches`` (what Ray workers hand over) give
+    the entries of the driver's ``write`` of ``feature_entry`` / ``match_entry``."""
+    from conftest import assert_same_h5
+
+    from dift_sfm.extract import Described, Storage, feature_entry, pack_described
+    from dift_sfm.keypoints import Keypoints
+    from dift_sfm.match import match_entry, pack_matches
+
+    rng = np.random.default_rng(0)
+    results = [Described(f"d/im{i}.jpg", (640, 480),
+                         Keypoints(rng.random((9, 2), np.float32) * 99, rng.random(9, np.float32)),
+                         rng.standard_normal((9, 16)).astype(np.float32)) for i in range(3)]
+    attrs = {"conf": "test", "conf_json": "{}"}
+    for as_half in (False, True):
+        one, packed = tmp_path / f"one{as_half}.h5", tmp_path / f"packed{as_half}.h5"
+        w = ShardedH5Writer(one, is_complete_features, attrs)
+        for r in results:
+            w.write(r.name, feature_entry(r, as_half))
+        w.finalize()
+        piece = pack_described(results, Storage(as_half, attrs))
+        assert piece.names == [r.name for r in results] and piece.dim == 16
+        w = ShardedH5Writer(packed, is_complete_features, attrs)
+        w.add_piece(piece.piece, piece.names)
+        w.finalize()
+        assert_same_h5(one, packed)
+        with h5py.File(packed, "r") as f:
+            assert f["d/im0.jpg/descriptors"].dtype == (np.float16 if as_half else np.float32)
+            assert f.attrs["conf_json"] == "{}" and f.attrs["featurizer_dim"] == 16
+
+    pairs = [("a.jpg", "b.jpg"), ("a.jpg", "c.jpg")]
+    found = [(rng.integers(-1, 9, 9), rng.random(9)) for _ in pairs]
+    prints = {"a.jpg": "fa", "b.jpg": "fb", "c.jpg": "fc"}
+    w = ShardedH5Writer(tmp_path / "m_one.h5", is_complete_matches, attrs)
+    for (n0, n1), (m0, s0) in zip(pairs, found, strict=True):
+        w.write(*match_entry((n0, n1), m0, s0, prints[n0], prints[n1]))
+    w.finalize()
+    piece = pack_matches(pairs, found, prints, attrs)
+    w = ShardedH5Writer(tmp_path / "m_packed.h5", is_complete_matches, attrs)
+    w.add_piece(piece.piece, [pair_key(*p) for p in piece.pairs])
+    w.finalize()
+    assert_same_h5(tmp_path / "m_one.h5", tmp_path / "m_packed.h5")
+    with h5py.File(tmp_path / "m_packed.h5", "r") as f:
+        assert dict(f["a.jpg/c.jpg"].attrs) == {"features0": "fa", "features1": "fc"}
+
+
+def test_writes_and_pieces_are_merged_in_call_order(tmp_path):
+    """A later entry of the same key wins, whether it came by ``write`` or ``add_piece``."""
+    path = tmp_path / "feats.h5"
+    w = ShardedH5Writer(path, is_complete_features, {"conf": "test"}, shard_entries=100)
+    w.write("x.jpg", _entry(1))
+    w.add_piece(build_piece([("x.jpg", _entry(2), None)], {"conf": "test"}), ["x.jpg"])
+    w.write("x.jpg", _entry(3))  # into a shard opened after the piece
+    w.finalize()
+    with h5py.File(path, "r") as f:
+        assert np.array_equal(f["x.jpg/keypoints"][()], _entry(3)["keypoints"])
+
+
+def test_pieces_are_merged_as_they_come_unless_the_output_is_replaced(tmp_path):
+    """``consolidate_seconds``: a long distributed run adds its pieces to the output as it goes
+    (readable at once, in place), but never while it replaces the output (``finalize`` then
+    drops what the output held)."""
+    path = tmp_path / "feats.h5"
+    w = ShardedH5Writer(path, is_complete_features, {"conf": "test"}, consolidate_seconds=0)
+    w.add_piece(build_piece([(n, _entry(int(n[2:8])), None) for n in _names(0, 3)],
+                            {"conf": "test"}), _names(0, 3))
+    assert list_names(path) == _names(0, 3)  # the output exists already, mid-run
+    w.add_piece(build_piece([(n, _entry(int(n[2:8])), None) for n in _names(3, 5)],
+                            {"conf": "test"}), _names(3, 5))
+    assert list_names(path) == _names(0, 5) and not list(w.parts.glob("*.h5"))
+    w.finalize()
+    assert _contents(path) == _contents_of_fresh(tmp_path, _names(0, 5))
+
+    w = ShardedH5Writer(path, is_complete_features, {"conf": "other"}, consolidate_seconds=0)
+    w.discard_pending()  # other settings: this run replaces the output
+    w.add_piece(build_piece([(n, _entry(int(n[2:8])), None) for n in _names(7, 9)],
+                            {"conf": "other"}), _names(7, 9))
+    assert list_names(path) == _names(0, 5)  # untouched until finalize
+    w.finalize(drop_existing=True)
+    assert list_names(path) == _names(7, 9)

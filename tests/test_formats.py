@@ -127,3 +127,21 @@ def test_pairs_read_write_generators(tmp_path):
         read_pairs(tmp_path / "unk.txt", names)
     (tmp_path / "dup.txt").write_text("im0.jpg im1.jpg\nim1.jpg im0.jpg\n")
     assert read_pairs(tmp_path / "dup.txt") == [("im0.jpg", "im1.jpg")]
+
+
+def test_transposed_copies_as_numpy_does():
+    """The blocked copy behind every stored descriptor array: numpy's values, float16 rounding,
+    overflow and NaN included, for any number of rows."""
+    from dift_sfm.formats.features import transposed
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 255, 256, 700):
+        a = rng.standard_normal((n, 5)).astype(np.float32) * 3e4
+        if n:
+            a[0, :4] = [np.nan, np.inf, 7e4, 1e-8]
+        for dtype in (np.float16, np.float32):
+            with np.errstate(over="ignore"):
+                want = np.ascontiguousarray(a.T).astype(dtype)
+                got = transposed(a, dtype)
+            assert got.flags.c_contiguous and got.dtype == dtype and got.shape == (5, n)
+            assert np.array_equal(got, want, equal_nan=True)

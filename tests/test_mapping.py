@@ -69,7 +69,7 @@ def test_bad_mapper_is_refused_before_any_work(tmp_path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.shared
-def test_reconstruct_global_mapper_on_sacre_coeur(tmp_path, capsys):
+def test_reconstruct_global_mapper_on_sacre_coeur(tmp_path, capsys, caplog):
     if not SACRE_COEUR.is_dir():
         pytest.skip(f"{SACRE_COEUR} is absent (the shared data folder beside the checkout)")
     out = tmp_path / "sc"
@@ -97,6 +97,28 @@ def test_reconstruct_global_mapper_on_sacre_coeur(tmp_path, capsys):
         assert models[0].compute_mean_reprojection_error() < 1.5
         assert (sfm / "sparse" / "0" / "points3D.bin").is_file()
         assert not (sfm / "sparse.tmp").exists()
+    # existing hloc files (e.g. those a colmap-import user has): `reconstruct --features`
+    # maps them in a new database with the mapper asked for, nothing extracted or matched
+    files = ["--features", str(out / "feats-sift.h5"), "--matches",
+             str(out / "feats-sift_matches.h5"), "--pairs", str(out / "pairs-exhaustive.txt")]
+    again = tmp_path / "from-files"
+    assert cli_main(["reconstruct", str(SACRE_COEUR), "-o", str(again), *files,
+                     "--mapper", "hierarchical", "-q"]) == 0
+    printed = capsys.readouterr().out
+    assert "mapper                  hierarchical" in printed
+    assert sorted(p.name for p in again.iterdir() if p.suffix == ".h5") == []  # none computed
+    assert pycolmap.Reconstruction(again / "sparse" / "0").num_reg_images() >= 9
+    assert (again / "report.html").is_file()
+    for extra, says in (([*files, "--set", "keypoints.max_keypoints=9"], "--set only applies"),
+                        ([*files, "--ray"], "--ray only applies when"),
+                        ([*files[:2], *files[4:]], "--features and --matches go together"),
+                        ([*files[:4], "--pairs", "exhaustive"], "must be the pairs file")):
+        caplog.clear()
+        assert cli_main(["reconstruct", str(SACRE_COEUR), "-o", str(tmp_path / "bad"),
+                         *extra]) == 1
+        assert says in caplog.text, caplog.text
+    assert not (tmp_path / "bad").exists()
+
     # options of another mapper are refused before mapping
     with pytest.raises(DiftSfmError, match="Mapper 'global' takes pycolmap.GlobalPipelineOptions"):
         run_mapping(db, SACRE_COEUR, out / "bad", options=pycolmap.IncrementalPipelineOptions(),

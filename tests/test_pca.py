@@ -122,6 +122,24 @@ def test_rerun_projects_only_new_groups(features):
         np.testing.assert_allclose(red.T, project(new, f.attrs["pca_mean"], comps), atol=1e-6)
 
 
+def test_names_limit_the_work_to_the_images_asked_for(features):
+    """``extract`` passes the images it was asked for: the others are not even looked at."""
+    path, _ = features
+    reduce_features_file(path, 8)
+    rng = np.random.default_rng(6)
+    with h5py.File(path, "a") as f:  # two images added; the next run asks for one of them
+        _write_image(f, "new0.jpg", _descriptors(rng, 30), dtype=np.float32)
+        _write_image(f, "new1.jpg", _descriptors(rng, 30), dtype=np.float32)
+    reduce_features_file(path, 8, names=["new0.jpg", "missing.jpg", "seq/b.jpg"])
+    with h5py.File(path, "r") as f:
+        assert f["new0.jpg"]["descriptors"].shape == (8, 30)
+        assert f["new0.jpg"].attrs["pca_dim"] == 8
+        assert f["new1.jpg"]["descriptors"].shape[0] != 8  # not asked for: left as it was
+    reduce_features_file(path, 8)  # the `pca` step walks the whole file
+    with h5py.File(path, "r") as f:
+        assert f["new1.jpg"]["descriptors"].shape == (8, 30)
+
+
 def test_dim_none_and_errors(features, monkeypatch):
     path, _ = features
     data = path.read_bytes()

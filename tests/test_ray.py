@@ -34,6 +34,7 @@ from dift_sfm.distributed import (  # noqa: E402
 )
 from dift_sfm.errors import ImageReadError, PartialFailure  # noqa: E402
 from dift_sfm.extract import extract_features  # noqa: E402
+from dift_sfm.formats.h5store import ShardedH5Writer  # noqa: E402
 from dift_sfm.images import decode_image, read_image  # noqa: E402
 from dift_sfm.match import match_features  # noqa: E402
 from dift_sfm.pairs import exhaustive_pairs, write_pairs  # noqa: E402
@@ -125,23 +126,58 @@ def test_gpu_conf_on_a_cluster_without_gpu(cluster, tmp_path: Path):
                          backend=RayExtractBackend(conf, tmp_path, RayOptions()))
 
 
+@pytest.fixture
+def driver_calls(monkeypatch) -> dict[str, int]:
+    """Counts the driver's ``ShardedH5Writer.write`` and ``add_piece`` calls (the real ones
+    run)."""
+    calls = {"write": 0, "add_piece": 0}
+    for method in calls:
+        real = getattr(ShardedH5Writer, method)
+
+        def counted(self, *args, _real=real, _method=method, **kwargs):
+            calls[_method] += 1
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(ShardedH5Writer, method, counted)
+    return calls
+
+
 def test_sift_extract_and_match_equal_single_process(cluster, sacre, sift_reference,
-                                                     tmp_path: Path):
+                                                     tmp_path: Path, driver_calls):
     conf = get_conf("sift", SIFT)
     # 1 worker: preparation runs as tasks on the other CPU
     backend = RayExtractBackend(conf, SACRE, RayOptions(workers=1))
     out = extract_features(conf, SACRE, tmp_path / "feats.h5", backend=backend)
     assert backend.stats["prep_slots"] == 1
     assert_same_h5(sift_reference, out)
+    # the workers packed each batch (sift: 1 image) into a piece; the driver wrote no entry
+    assert driver_calls == {"write": 0, "add_piece": len(sacre)}
 
     pairs = tmp_path / "pairs.txt"
     write_pairs(pairs, exhaustive_pairs(sacre))
     local = match_features(conf, pairs, out, tmp_path / "local.h5")
+    assert driver_calls["write"] == len(exhaustive_pairs(sacre))  # the local backend's
     matcher = RayMatchBackend(conf["matcher"], RayOptions(workers=2, block_images=4,
                                                           window_pairs=16))
     got = match_features(conf, pairs, out, tmp_path / "ray.h5", backend=matcher)
-    assert matcher.stats["blocks"] > 3  # several windows and blocks, reordered on the driver
+    assert matcher.stats["blocks"] > 3  # several windows and blocks, one piece each
+    assert driver_calls["add_piece"] == len(sacre) + matcher.stats["blocks"]
+    assert driver_calls["write"] == len(exhaustive_pairs(sacre))  # none more
     assert_same_h5(local, got)
+    with h5py.File(got, "r") as f, h5py.File(local, "r") as g:  # provenance as well
+        for key in ("/".join(p) for p in exhaustive_pairs(sacre)[:5]):
+            assert dict(f[key].attrs) == dict(g[key].attrs) and len(f[key].attrs) == 2
+
+
+def test_backends_hand_over_single_results_without_storage(cluster, sacre, tmp_path: Path):
+    """Called without a storage (e.g. by another driver), the backends yield results one by
+    one, as before pieces."""
+    from dift_sfm.extract import Described
+
+    conf = get_conf("sift", SIFT)
+    got = list(RayExtractBackend(conf, SACRE, RayOptions(workers=1))(sacre[:2]))
+    assert [n for n, _ in got] == sacre[:2]
+    assert all(isinstance(r, Described) and len(r.descriptors) for _, r in got)
 
 
 def test_worker_killed_during_extract(cluster, sacre, sift_reference, tmp_path: Path):

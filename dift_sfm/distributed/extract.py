@@ -39,6 +39,18 @@ def _prepare(source: bytes | str, path: str, conf: dict, name: str):
         return err, None
 
 
+def _pack(results: list | DiftSfmError, names: list[str], storage):
+    """Task body: a describe actor's batch packed into a piece (``extract.pack_described``) on
+    a spare CPU, so that the GPU worker does not wait for it. An error passes through."""
+    from ..extract import Described, pack_described
+
+    if isinstance(results, DiftSfmError):
+        return results
+    return pack_described([Described(n, tuple(size), kpts, desc)
+                           for n, (size, kpts, desc) in zip(names, results, strict=True)],
+                          storage)
+
+
 class DescribeWorker:
     """Actor body: holds one featurizer (model loaded once) and describes batches."""
 
@@ -65,13 +77,20 @@ class DescribeWorker:
         """``_prepare`` in this actor (when the cluster has no CPU left for tasks)."""
         return _prepare(source, path, self.conf, name)
 
-    def describe(self, names: list[str], *prepared) -> list | DiftSfmError:
-        """Describe one batch: [(image_size, keypoints, descriptors)] in the given order."""
+    def describe(self, names: list[str], storage, *prepared) -> list | Any | DiftSfmError:
+        """Describe one batch: [(image_size, keypoints, descriptors)] in the given order, or,
+        with a ``storage`` (``extract.Storage``), the batch packed into a piece
+        (``extract.Packed``: the driver stores it without any HDF5 work per image)."""
+        from ..extract import Described, pack_described
+
         try:
             descs = self.featurizer.describe_batch([p.resized for p in prepared],
                                                    [p.keypoints_resized for p in prepared])
         except DiftSfmError as err:
             return err
+        if storage is not None:
+            return pack_described([Described(p.name, p.image_size, p.keypoints, d)
+                                    for p, d in zip(prepared, descs, strict=True)], storage)
         return [(p.image_size, p.keypoints, d) for p, d in zip(prepared, descs, strict=True)]
 
 
@@ -79,10 +98,16 @@ class DescribeWorker:
 class RayExtractBackend:
     """The extraction backend of ``extract_features`` on a Ray cluster.
 
-    ``__call__(names)`` yields ``(name, Described | ImageReadError)`` in the order of ``names``.
-    Connects (or starts a local cluster) and loads the models on first use with work to do;
-    the actors are released when the call ends.
+    ``__call__(names, storage=None)`` yields ``(name, Described | ImageReadError)`` in the
+    order of ``names``; given a ``storage`` (``extract.Storage``, as ``extract_features`` does),
+    each batch is packed into a piece (by a task on a spare CPU, else by the worker itself) and
+    it yields ``extract.Packed`` batches in that order instead of described images: the driver
+    then does no HDF5 work per image. Connects
+    (or starts a local cluster) and loads the models on first use with work to do; the actors
+    are released when the call ends.
     """
+
+    packs_pieces = True  # extract_features passes its Storage
 
     def __init__(self, conf: dict, image_dir: Path | str, options: RayOptions | None = None):
         self.conf, self.image_dir = conf, Path(image_dir)
@@ -94,7 +119,7 @@ class RayExtractBackend:
                 "keypoints.name=import reads a features file on the workers: with --ray it "
                 "needs --ray-shared-fs (the file at the same path on every node).")
 
-    def __call__(self, names: list[str]) -> Iterator[Any]:
+    def __call__(self, names: list[str], storage=None) -> Iterator[Any]:
         if not names:
             return
         ray = connect(self.options)
@@ -116,8 +141,13 @@ class RayExtractBackend:
         window = self.options.max_in_flight or (2 * (prep_slots + count * batch_size) + 2)
         prepare_task = ray.remote(_prepare).options(num_cpus=1, num_returns=2,
                                                     max_retries=3) if prep_slots else None
+        storage_ref = None if storage is None else ray.put(storage)  # sent once, not per batch
+        # packing (the float16 cast, HDF5) on a spare CPU when there is one: not on the GPU's
+        pack_task = ray.remote(_pack).options(num_cpus=1, max_retries=3) \
+            if storage is not None and prep_slots else None
         try:
-            yield from self._run(ray, names, batch_size, window, prepare_task)
+            yield from self._run(ray, names, batch_size, window, prepare_task, storage_ref,
+                                 pack_task)
         finally:
             self.pool.close()
 
@@ -141,8 +171,8 @@ class RayExtractBackend:
         return status, prepared, i
 
     def _run(self, ray, names: list[str], batch_size: int, window: int,
-             prepare_task) -> Iterator[Any]:
-        from ..extract import Described
+             prepare_task, storage_ref, pack_task) -> Iterator[Any]:
+        from ..extract import Described, Packed
 
         pool = self.pool
         preparing: deque[tuple[str, Any, Any, int | None]] = deque()  # in order, not batched
@@ -158,9 +188,13 @@ class RayExtractBackend:
                     outputs.append(("error", *unit.items[0]))
                     continue
                 i = pool.pick()
-                ref = pool.actors[i].describe.remote([n for n, _ in unit.items],
-                                                     *[p for _, p in unit.items])
-                outputs.append(("batch", [n for n, _ in unit.items], ref, i))
+                batch = [n for n, _ in unit.items]
+                ref = pool.actors[i].describe.remote(
+                    batch, None if pack_task is not None else storage_ref,
+                    *[p for _, p in unit.items])
+                if pack_task is not None:
+                    ref = pack_task.remote(ref, batch, storage_ref)
+                outputs.append(("batch", batch, ref, i))
 
         while submitted < len(names) or preparing or batcher.pending or outputs:
             progressed = False
@@ -205,6 +239,10 @@ class RayExtractBackend:
                 pool.done(i)
                 progressed = True
                 results = _unwrap(ray.get(ref))
+                if isinstance(results, Packed):
+                    in_flight -= len(batch_names)
+                    yield results
+                    continue
                 for name, (size, kpts, desc) in zip(batch_names, results, strict=True):
                     in_flight -= 1
                     yield name, Described(name, tuple(size), kpts, desc)

@@ -190,6 +190,10 @@ class ShardedH5Writer:
             ``flush_seconds``).
         flush_seconds: a shard is closed at the latest this long after its first entry, by a
             background thread when no other entry follows (0: after every entry).
+        consolidate_seconds: pieces (``add_piece``) are added to the output at most this long
+            after the last time (0: at every piece; None: only by ``finalize``), so that a long
+            distributed run merges as it goes rather than all at the end. Not when the run
+            replaces the output (``discard_pending``).
 
     What a ``kill -9`` can lose: the entries of the open shard, i.e. at most ``flush_seconds``
     of work (an entry being written when the kill comes is never half kept). Closed shards and
@@ -198,7 +202,8 @@ class ShardedH5Writer:
 
     def __init__(self, path: Path | str, is_complete: Validator,
                  root_attrs: dict | None = None, shard_entries: int = 16,
-                 shard_seconds: float = 30.0, flush_seconds: float = 1.0):
+                 shard_seconds: float = 30.0, flush_seconds: float = 1.0,
+                 consolidate_seconds: float | None = 30.0):
         self.path = Path(path)
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.is_complete = is_complete
@@ -206,6 +211,8 @@ class ShardedH5Writer:
         self.shard_entries = shard_entries
         self.shard_seconds = shard_seconds
         self.flush_seconds = flush_seconds
+        self.consolidate_seconds = consolidate_seconds
+        self._consolidated = time.monotonic()
         self._shard: h5py.File | None = None
         self._shard_path: Path | None = None
         self._shard_count = 0
@@ -299,11 +306,17 @@ class ShardedH5Writer:
         it is written to disk as it is, with no HDF5 work per entry here; ``finalize`` or
         ``consolidate`` adds its entries to the output. ``keys``: the complete entries it
         holds, as ``build_piece`` wrote them (else they are found and validated when added;
-        after a crash they always are)."""
+        after a crash they always are). The piece must carry the writer's ``root_attrs``
+        (``build_piece(entries, root_attrs)``): a later run judges it by them.
+
+        Shards are merged in the order they were closed, a later entry replacing an earlier
+        one of the same key: the open shard is closed first, so that order is the order of the
+        ``write`` and ``add_piece`` calls."""
         if not image.startswith(b"\x89HDF"):
             raise FormatError("add_piece expects the bytes of an HDF5 file (build_piece).")
         try:
             with self._mutex:
+                self._close_shard()
                 tmp = self.parts / f"{self._new_stem()}.tmp"
                 with open(tmp, "wb") as f:
                     f.write(image)
@@ -312,6 +325,9 @@ class ShardedH5Writer:
                     self._closed[tmp.with_suffix(".h5")] = (sorted(keys), dict(self.root_attrs))
         except OSError as err:
             raise self._write_error(err) from err
+        if self.consolidate_seconds is not None and \
+                time.monotonic() - self._consolidated >= self.consolidate_seconds:
+            self.consolidate()
 
     def _open_shard(self) -> h5py.File:
         if self._shard is None:
@@ -422,9 +438,10 @@ class ShardedH5Writer:
 
     def consolidate(self) -> None:
         """Add the closed shards' entries to the output now, keeping the writer open (e.g. a
-        distributed run's driver between pieces). Only for a run that extends the output (not
-        after ``discard_pending``): a replaced output is written whole by ``finalize``."""
-        if self._fresh and self.path.exists():
+        distributed run's driver between pieces). Only for a run that extends (or creates) the
+        output, not after ``discard_pending``: a replaced output is written whole by
+        ``finalize``, which drops whatever the output held."""
+        if self._fresh:
             return
         try:
             with self._mutex:
@@ -433,6 +450,8 @@ class ShardedH5Writer:
                     self._consolidate(drop_existing=False)
         except (OSError, RuntimeError) as err:
             raise self._write_error(err) from err
+        finally:
+            self._consolidated = time.monotonic()
 
     def _finalize(self, drop_existing: bool) -> None:
         self._stop_closer()
