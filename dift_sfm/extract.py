@@ -196,8 +196,14 @@ def plan_preparation(header: ImageHeader, conf: dict) -> PreparePlan:
     pre = conf["preprocessing"]
     size = header.size
     detector = conf["keypoints"].get("name")
-    described = resized_size(size, pre["resize_max"])
-    detected = (0, 0) if detector == "import" else resized_size(described, pre.get("detect_max"))
+
+    def sizes(source: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int]]:
+        """(described, detected) sizes of an image decoded at ``source``."""
+        described = resized_size(source, pre["resize_max"])
+        return described, (0, 0) if detector == "import" else resized_size(
+            described, pre.get("detect_max"))
+
+    described, detected = sizes(size)
     reduce = 1
     if pre.get("reduced_decode"):
         dense = featurizer_needs(conf["featurizer"], size)
@@ -207,9 +213,7 @@ def plan_preparation(header: ImageHeader, conf: dict) -> PreparePlan:
         reduce = jpeg_reduction(header, need)
     decoded = (-(-size[0] // reduce), -(-size[1] // reduce))
     if reduce > 1:
-        described = resized_size(decoded, pre["resize_max"])
-        detected = (0, 0) if detector == "import" else resized_size(described,
-                                                                     pre.get("detect_max"))
+        described, detected = sizes(decoded)
     # decoded samples, RGB uint8 copy and its float32 image; the resized copies; the
     # detector's float and grey images and its own scale space
     px = decoded[0] * decoded[1]

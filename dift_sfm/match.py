@@ -237,7 +237,7 @@ def conf_for_matching(feature_path: Path | str, name: str | None = None,
 
 
 def _stale_pairs(writer: ShardedH5Writer, pairs: list[tuple[str, str]],
-                 fingerprint) -> tuple[set[tuple[str, str]], list[tuple[str, str]]]:
+                 features: FeaturesReader) -> tuple[set[tuple[str, str]], list[tuple[str, str]]]:
     """(pairs complete in the output or in shards whose features still fit, pairs that are
     stored but were computed from other features, or record none)."""
     done: set[tuple[str, str]] = set()
@@ -247,7 +247,8 @@ def _stale_pairs(writer: ShardedH5Writer, pairs: list[tuple[str, str]],
             for pair in pairs:
                 if pair in done or not f.has(*pair):
                     continue
-                if f.provenance(*pair) == (fingerprint(pair[0]), fingerprint(pair[1])):
+                if f.provenance(*pair) == (features.fingerprint(pair[0]),
+                                           features.fingerprint(pair[1])):
                     done.add(pair)
                 else:
                     stale.append(pair)
@@ -294,13 +295,6 @@ def _match(conf: dict, pairs_path: Path, features: FeaturesReader, match_path: P
     writer = ShardedH5Writer(match_path, is_complete_matches, shard_entries=4096,
                              root_attrs={"conf": conf.get("name", ""),
                                          "matcher_json": json.dumps(mconf)})
-    fingerprints: dict[str, str] = {}
-
-    def fingerprint(name: str) -> str:
-        if name not in fingerprints:
-            fingerprints[name] = features.fingerprint(name)
-        return fingerprints[name]
-
     try:
         keep = True
         for source in writer.sources():
@@ -311,7 +305,7 @@ def _match(conf: dict, pairs_path: Path, features: FeaturesReader, match_path: P
         if not keep:
             writer.discard_pending()
         done, stale = (set(), []) if overwrite or not keep else _stale_pairs(writer, pairs,
-                                                                               fingerprint)
+                                                                               features)
         if stale:
             n0, n1 = stale[0]
             raise StaleOutputError(
@@ -334,8 +328,8 @@ def _match(conf: dict, pairs_path: Path, features: FeaturesReader, match_path: P
                     bar.update(len(outcome.pairs))
                     continue
                 pair, m0, s0 = outcome
-                writer.write(*match_entry(pair, m0, s0, fingerprint(pair[0]),
-                                          fingerprint(pair[1])))
+                writer.write(*match_entry(pair, m0, s0, features.fingerprint(pair[0]),
+                                          features.fingerprint(pair[1])))
                 bar.update()
         writer.finalize(drop_existing=not keep)
     except BaseException:

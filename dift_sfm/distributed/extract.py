@@ -81,17 +81,13 @@ class DescribeWorker:
         """Describe one batch: [(image_size, keypoints, descriptors)] in the given order, or,
         with a ``storage`` (``extract.Storage``), the batch packed into a piece
         (``extract.Packed``: the driver stores it without any HDF5 work per image)."""
-        from ..extract import Described, pack_described
-
         try:
             descs = self.featurizer.describe_batch([p.resized for p in prepared],
                                                    [p.keypoints_resized for p in prepared])
         except DiftSfmError as err:
             return err
-        if storage is not None:
-            return pack_described([Described(p.name, p.image_size, p.keypoints, d)
-                                    for p, d in zip(prepared, descs, strict=True)], storage)
-        return [(p.image_size, p.keypoints, d) for p, d in zip(prepared, descs, strict=True)]
+        out = [(p.image_size, p.keypoints, d) for p, d in zip(prepared, descs, strict=True)]
+        return out if storage is None else _pack(out, names, storage)
 
 
 # --------------------------------------------------------------------------- extraction
@@ -102,9 +98,8 @@ class RayExtractBackend:
     order of ``names``; given a ``storage`` (``extract.Storage``, as ``extract_features`` does),
     each batch is packed into a piece (by a task on a spare CPU, else by the worker itself) and
     it yields ``extract.Packed`` batches in that order instead of described images: the driver
-    then does no HDF5 work per image. Connects
-    (or starts a local cluster) and loads the models on first use with work to do; the actors
-    are released when the call ends.
+    then does no HDF5 work per image. Connects (or starts a local cluster) and loads the models
+    on first use with work to do; the actors are released when the call ends.
     """
 
     packs_pieces = True  # extract_features passes its Storage

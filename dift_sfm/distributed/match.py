@@ -73,13 +73,11 @@ class MatchWorker:
 
 
 class _Stored(NamedTuple):
-    """One image's descriptors in the object store (``nbytes``: what the cache budget counts)
-    and its features' fingerprint (what a packed entry records)."""
+    """One image's descriptors in the object store (``nbytes``: what the cache budget counts)."""
 
     ref: Any
     nbytes: int
     dim: int
-    fingerprint: str
 
 
 class RayMatchBackend:
@@ -141,7 +139,9 @@ class RayMatchBackend:
                     images, members, refs = blocks.popleft()
                     index = {n: i for i, n in enumerate(images)}
                     local = [(index[pairs[k][0]], index[pairs[k][1]]) for k in members]
-                    prints = [refs[n].fingerprint for n in images]
+                    # what a packed entry records (FeaturesReader remembers each image's)
+                    prints = [features.fingerprint(n) for n in images] \
+                        if attrs_ref is not None else []
                     in_actor = attrs_ref is not None and pack_task is None
                     i = pool.pick()  # (a reference is resolved only as a top-level argument)
                     ref = pool.actors[i].match.remote(
@@ -183,7 +183,7 @@ class RayMatchBackend:
         def put(name: str) -> _Stored:
             desc = features.descriptors(name)
             self.stats["bytes_shipped"] += desc.nbytes
-            return _Stored(ray.put(desc), desc.nbytes, desc.shape[1], features.fingerprint(name))
+            return _Stored(ray.put(desc), desc.nbytes, desc.shape[1])
 
         return ByteBudgetCache(put, self.options.descriptor_cache_mb * 2**20)
 

@@ -121,6 +121,7 @@ class FeaturesReader(H5Reader):
         super().__init__(path)
         self._names: list[str] | None = None
         self._digest: bytes | None = None
+        self._fingerprints: dict[str, str] = {}  # the file is read-only while it is open
 
     @property
     def names(self) -> list[str]:
@@ -191,7 +192,10 @@ class FeaturesReader(H5Reader):
 
         A matches entry records the fingerprints of both images; when either changes (other
         keypoints, another featurizer or PCA basis), the stored matches no longer fit.
+        Computed once per image (it reads the keypoints), then remembered.
         """
+        if name in self._fingerprints:
+            return self._fingerprints[name]
         if self._digest is None:
             conf = self.conf
             ident = json.dumps(significant(feature_settings(conf)) if conf else None,
@@ -202,4 +206,5 @@ class FeaturesReader(H5Reader):
             self._digest = hashlib.blake2b(ident, digest_size=16).digest()
         h = hashlib.blake2b(self._digest, digest_size=12)
         h.update(np.ascontiguousarray(self.keypoints(name), np.float32).tobytes())
-        return h.hexdigest()
+        self._fingerprints[name] = h.hexdigest()
+        return self._fingerprints[name]

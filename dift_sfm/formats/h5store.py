@@ -186,8 +186,6 @@ class ShardedH5Writer:
         root_attrs: attributes to set on the output's root (e.g. the conf that wrote it).
         shard_entries: a shard is closed (renamed ``*.h5``, safe from then on) after this many
             entries.
-        shard_seconds: kept for compatibility (a shard never stays open longer than
-            ``flush_seconds``).
         flush_seconds: a shard is closed at the latest this long after its first entry, by a
             background thread when no other entry follows (0: after every entry).
         consolidate_seconds: pieces (``add_piece``) are added to the output at most this long
@@ -202,14 +200,12 @@ class ShardedH5Writer:
 
     def __init__(self, path: Path | str, is_complete: Validator,
                  root_attrs: dict | None = None, shard_entries: int = 16,
-                 shard_seconds: float = 30.0, flush_seconds: float = 1.0,
-                 consolidate_seconds: float | None = 30.0):
+                 flush_seconds: float = 1.0, consolidate_seconds: float | None = 30.0):
         self.path = Path(path)
         self.parts = self.path.with_name(self.path.name + ".parts")
         self.is_complete = is_complete
         self.root_attrs = dict(root_attrs or {})
         self.shard_entries = shard_entries
-        self.shard_seconds = shard_seconds
         self.flush_seconds = flush_seconds
         self.consolidate_seconds = consolidate_seconds
         self._consolidated = time.monotonic()
@@ -217,7 +213,6 @@ class ShardedH5Writer:
         self._shard_path: Path | None = None
         self._shard_count = 0
         self._shard_start = 0.0
-        self._last_flush = 0.0
         self._shard_keys: set[str] = set()
         self._shard_clean = True
         #: shards closed by this writer in which every write succeeded: their keys and the
@@ -339,7 +334,7 @@ class ShardedH5Writer:
             self._shard_keys = set()
             self._shard_clean = True
             self._entry_writer.parents.clear()
-            self._shard_start = self._last_flush = time.monotonic()
+            self._shard_start = time.monotonic()
             self._start_closer()
         return self._shard
 
